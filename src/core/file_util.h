@@ -1,0 +1,39 @@
+// Small file helpers shared by the loaders; errors name the path.
+#pragma once
+
+#include <cstddef>
+#include <filesystem>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+namespace duo {
+
+// Whole file as a string; throws Error naming the path if it is missing or unreadable.
+std::string read_text_file(const std::filesystem::path& path);
+
+// Parses a JSON file; throws Error naming the path and the parse position on bad JSON.
+nlohmann::json read_json_file(const std::filesystem::path& path);
+
+// Read-only memory map of a whole file. Movable, not copyable.
+class MappedFile {
+ public:
+  MappedFile() = default;
+  explicit MappedFile(const std::filesystem::path& path);
+  ~MappedFile();
+  MappedFile(MappedFile&& other) noexcept;
+  MappedFile& operator=(MappedFile&& other) noexcept;
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+
+  const unsigned char* data() const { return data_; }
+  size_t size() const { return size_; }
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+  const unsigned char* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+}  // namespace duo
