@@ -1,0 +1,99 @@
+// The backend interface: every op the forward pass needs, on opaque device tensors. The model code
+// (engine/model.cpp) only calls these, so the CUDA backend slots in beside the CPU one.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "engine/rope.h"
+
+namespace duo {
+
+// A 2-D row-major tensor owned by a backend. CPU: fp32 host memory; CUDA: device memory.
+struct Tensor {
+  void* data = nullptr;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t numel() const { return rows * cols; }
+};
+
+// How streaming heads behave during prefill (duoattention.md section 3).
+enum class StreamingPrefill {
+  kExact,  // token-exact sinks + window in prefill and decode: chunk-size invariant (default)
+  kChunk,  // the authors' release: first chunk dense, later chunks in-chunk causal
+};
+
+// Shape of a DuoAttention KV cache. Per layer, KV heads [0, num_retrieval[l]) are retrieval
+// heads (all tokens kept), the rest streaming heads (sink + ring of recent tokens).
+struct CacheSpec {
+  int64_t num_layers = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t capacity = 0;  // max tokens (the context length)
+  std::vector<int64_t> num_retrieval;  // per layer
+  int64_t sink = 0;
+  int64_t recent = 0;
+  StreamingPrefill prefill = StreamingPrefill::kExact;
+};
+
+// Bytes of K and V actually allocated (retrieval stores + streaming stores).
+struct CacheBytes {
+  int64_t retrieval = 0;
+  int64_t streaming = 0;
+  int64_t total() const { return retrieval + streaming; }
+};
+
+class KVCache {
+ public:
+  virtual ~KVCache() = default;
+  virtual const CacheSpec& spec() const = 0;
+  virtual int64_t length() const = 0;  // tokens appended so far
+  virtual CacheBytes allocated_bytes() const = 0;
+  virtual void clear() = 0;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+
+  // Weights: host fp32 data [rows x cols] copied (and converted) into backend memory.
+  virtual Tensor upload(const float* host, int64_t rows, int64_t cols) = 0;
+  // Scratch activations; contents undefined. Freed with the backend.
+  virtual Tensor alloc(int64_t rows, int64_t cols) = 0;
+  // Rows [begin, end) of t, sharing its memory.
+  virtual Tensor view_rows(const Tensor& t, int64_t begin, int64_t end) = 0;
+  virtual std::vector<float> download(const Tensor& t, int64_t row_begin, int64_t row_end) = 0;
+  virtual std::unique_ptr<KVCache> create_cache(const CacheSpec& spec) = 0;
+
+  // out[i, :] = table[tokens[i], :]
+  virtual void embed(const Tensor& table, std::span<const int32_t> tokens, Tensor& out) = 0;
+  // out = x / sqrt(mean(x^2) + eps) * w, per row
+  virtual void rmsnorm(const Tensor& x, const Tensor& w, float eps, Tensor& out) = 0;
+  // out[n, m] = x[n, k] @ w[m, k]^T (+ bias[m]); rows of out = rows of x
+  virtual void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& out) = 0;
+  // Rotates each head of x[n, heads * head_dim] at positions[n].
+  virtual void rope(Tensor& x, int64_t heads, int64_t head_dim, std::span<const int64_t> positions,
+                    const RopeFrequencies& f) = 0;
+  // out = silu(gate) * up
+  virtual void swiglu(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
+  // x += y
+  virtual void add(Tensor& x, const Tensor& y) = 0;
+  // Appends k, v (n new tokens at positions cache.length() ..) to `layer` of the cache and computes
+  // out[n, heads * head_dim] = attention of q (heads query heads, GQA groups of heads / kv_heads)
+  // over what each head may see. The cache length advances once per forward, via advance().
+  virtual void attention(KVCache& cache, int64_t layer, const Tensor& q, const Tensor& k,
+                         const Tensor& v, int64_t num_heads, Tensor& out) = 0;
+  // Marks n tokens appended to every layer (called once after the last layer).
+  virtual void advance(KVCache& cache, int64_t n) = 0;
+};
+
+enum class CpuMode { kReference, kFast };
+
+// The CPU backend: kReference is plain loops (the oracle for tests); kFast uses BLAS and threads.
+std::unique_ptr<Backend> make_cpu_backend(CpuMode mode);
+
+}  // namespace duo

@@ -1,0 +1,255 @@
+#include "engine/model.h"
+
+#include <random>
+#include <string>
+
+#include "core/error.h"
+#include "model/safetensors.h"
+
+namespace duo {
+
+HeadLayout HeadLayout::all_retrieval(const ModelConfig& c) {
+  HeadLayout h;
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    std::vector<int32_t> order(static_cast<size_t>(c.num_kv_heads));
+    for (int64_t i = 0; i < c.num_kv_heads; ++i) order[i] = static_cast<int32_t>(i);
+    h.kv_order.push_back(order);
+    h.num_retrieval.push_back(c.num_kv_heads);
+  }
+  return h;
+}
+
+HeadLayout HeadLayout::from_flags(const ModelConfig& c,
+                                  const std::vector<std::vector<uint8_t>>& retrieval) {
+  check(static_cast<int64_t>(retrieval.size()) == c.num_layers, "head layout: ", retrieval.size(),
+        " layers given, the model has ", c.num_layers);
+  HeadLayout h;
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    check(static_cast<int64_t>(retrieval[l].size()) == c.num_kv_heads, "head layout: layer ", l,
+          " has ", retrieval[l].size(), " KV heads, the model has ", c.num_kv_heads);
+    std::vector<int32_t> order;
+    for (int64_t i = 0; i < c.num_kv_heads; ++i)
+      if (retrieval[l][i]) order.push_back(static_cast<int32_t>(i));
+    h.num_retrieval.push_back(static_cast<int64_t>(order.size()));
+    for (int64_t i = 0; i < c.num_kv_heads; ++i)
+      if (!retrieval[l][i]) order.push_back(static_cast<int32_t>(i));
+    h.kv_order.push_back(order);
+  }
+  return h;
+}
+
+namespace {
+
+// Rows of a [heads * head_dim, cols] matrix (or a bias, cols == 1) reordered by head:
+// new head p takes original head order[p].
+std::vector<float> permute_head_rows(const std::vector<float>& w, const std::vector<int32_t>& order,
+                                     int64_t head_dim, int64_t cols) {
+  std::vector<float> out(w.size());
+  const int64_t block = head_dim * cols;
+  for (size_t p = 0; p < order.size(); ++p)
+    std::copy(w.begin() + order[p] * block, w.begin() + (order[p] + 1) * block, out.begin() + p * block);
+  return out;
+}
+
+// Columns of o_proj [rows, heads * head_dim] reordered the same way.
+std::vector<float> permute_head_cols(const std::vector<float>& w, const std::vector<int32_t>& order,
+                                     int64_t head_dim, int64_t rows) {
+  std::vector<float> out(w.size());
+  const int64_t cols = static_cast<int64_t>(order.size()) * head_dim;
+  for (int64_t r = 0; r < rows; ++r)
+    for (size_t p = 0; p < order.size(); ++p)
+      std::copy(w.begin() + r * cols + order[p] * head_dim, w.begin() + r * cols + (order[p] + 1) * head_dim,
+                out.begin() + r * cols + static_cast<int64_t>(p) * head_dim);
+  return out;
+}
+
+// Query-head order implied by a KV-head order: group of KV head g = query heads g*G .. g*G+G-1.
+std::vector<int32_t> query_order(const std::vector<int32_t>& kv_order, int64_t group) {
+  std::vector<int32_t> q;
+  for (int32_t g : kv_order)
+    for (int64_t i = 0; i < group; ++i) q.push_back(static_cast<int32_t>(g * group + i));
+  return q;
+}
+
+}  // namespace
+
+Model::Model(const std::filesystem::path& model_dir, Backend& backend, const HeadLayout& layout,
+             WeightSource source, uint64_t seed)
+    : config_(ModelConfig::load(model_dir)), backend_(&backend), layout_(layout), rope_(config_) {
+  check(static_cast<int64_t>(layout_.kv_order.size()) == config_.num_layers,
+        "head layout has ", layout_.kv_order.size(), " layers, model has ", config_.num_layers);
+  if (source == WeightSource::kCheckpoint) {
+    load_checkpoint(model_dir);
+  } else {
+    load_random(seed);
+  }
+}
+
+Model::Model(const ModelConfig& config, Backend& backend, const HeadLayout& layout, uint64_t seed)
+    : config_(config), backend_(&backend), layout_(layout), rope_(config_) {
+  load_random(seed);
+}
+
+void Model::load_checkpoint(const std::filesystem::path& model_dir) {
+  const ModelConfig& c = config_;
+  WeightStore ws = WeightStore::open(model_dir);
+  Backend& b = *backend_;
+  const int64_t H = c.hidden_size, I = c.intermediate_size, d = c.head_dim;
+  auto up2 = [&](const std::vector<float>& w, int64_t rows, int64_t cols) {
+    return b.upload(w.data(), rows, cols);
+  };
+  embed_ = up2(ws.load_f32("model.embed_tokens.weight", {c.vocab_size, H}), c.vocab_size, H);
+  final_norm_ = up2(ws.load_f32("model.norm.weight", {H}), 1, H);
+  if (c.tie_word_embeddings) {
+    lm_head_ = embed_;
+  } else {
+    lm_head_ = up2(ws.load_f32("lm_head.weight", {c.vocab_size, H}), c.vocab_size, H);
+  }
+  const int64_t G = c.group_size();
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    const auto& kvo = layout_.kv_order[l];
+    const auto qo = query_order(kvo, G);
+    LayerWeights w;
+    w.attn_norm = up2(ws.load_f32(p + "input_layernorm.weight", {H}), 1, H);
+    w.mlp_norm = up2(ws.load_f32(p + "post_attention_layernorm.weight", {H}), 1, H);
+    w.wq = up2(permute_head_rows(ws.load_f32(p + "self_attn.q_proj.weight", {c.q_dim(), H}), qo, d, H), c.q_dim(), H);
+    w.wk = up2(permute_head_rows(ws.load_f32(p + "self_attn.k_proj.weight", {c.kv_dim(), H}), kvo, d, H), c.kv_dim(), H);
+    w.wv = up2(permute_head_rows(ws.load_f32(p + "self_attn.v_proj.weight", {c.kv_dim(), H}), kvo, d, H), c.kv_dim(), H);
+    w.wo = up2(permute_head_cols(ws.load_f32(p + "self_attn.o_proj.weight", {H, c.q_dim()}), qo, d, H), H, c.q_dim());
+    if (c.qkv_bias) {
+      w.bq = up2(permute_head_rows(ws.load_f32(p + "self_attn.q_proj.bias", {c.q_dim()}), qo, d, 1), 1, c.q_dim());
+      w.bk = up2(permute_head_rows(ws.load_f32(p + "self_attn.k_proj.bias", {c.kv_dim()}), kvo, d, 1), 1, c.kv_dim());
+      w.bv = up2(permute_head_rows(ws.load_f32(p + "self_attn.v_proj.bias", {c.kv_dim()}), kvo, d, 1), 1, c.kv_dim());
+    }
+    // The o_proj bias lives in the output (hidden) space: it is never permuted.
+    if (c.o_bias) w.bo = up2(ws.load_f32(p + "self_attn.o_proj.bias", {H}), 1, H);
+    w.w_gate = up2(ws.load_f32(p + "mlp.gate_proj.weight", {I, H}), I, H);
+    w.w_up = up2(ws.load_f32(p + "mlp.up_proj.weight", {I, H}), I, H);
+    w.w_down = up2(ws.load_f32(p + "mlp.down_proj.weight", {H, I}), H, I);
+    check(!c.mlp_bias, model_dir.string(), ": mlp_bias=true is not supported");
+    layers_.push_back(w);
+  }
+}
+
+void Model::load_random(uint64_t seed) {
+  const ModelConfig& c = config_;
+  Backend& b = *backend_;
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 0.02f);
+  auto rand = [&](int64_t rows, int64_t cols) {
+    std::vector<float> w(static_cast<size_t>(rows * cols));
+    for (float& x : w) x = normal(rng);
+    return b.upload(w.data(), rows, cols);
+  };
+  auto ones = [&](int64_t n) {
+    std::vector<float> w(static_cast<size_t>(n), 1.0f);
+    return b.upload(w.data(), 1, n);
+  };
+  const int64_t H = c.hidden_size, I = c.intermediate_size;
+  embed_ = rand(c.vocab_size, H);
+  final_norm_ = ones(H);
+  lm_head_ = c.tie_word_embeddings ? embed_ : rand(c.vocab_size, H);
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    LayerWeights w;
+    w.attn_norm = ones(H);
+    w.mlp_norm = ones(H);
+    w.wq = rand(c.q_dim(), H);
+    w.wk = rand(c.kv_dim(), H);
+    w.wv = rand(c.kv_dim(), H);
+    w.wo = rand(H, c.q_dim());
+    if (c.qkv_bias) {
+      w.bq = rand(1, c.q_dim());
+      w.bk = rand(1, c.kv_dim());
+      w.bv = rand(1, c.kv_dim());
+    }
+    if (c.o_bias) w.bo = rand(1, H);
+    w.w_gate = rand(I, H);
+    w.w_up = rand(I, H);
+    w.w_down = rand(H, I);
+    layers_.push_back(w);
+  }
+}
+
+std::unique_ptr<KVCache> Model::make_cache(int64_t capacity, int64_t sink, int64_t recent,
+                                           StreamingPrefill prefill) const {
+  CacheSpec s;
+  s.num_layers = config_.num_layers;
+  s.num_kv_heads = config_.num_kv_heads;
+  s.head_dim = config_.head_dim;
+  s.capacity = capacity;
+  s.num_retrieval = layout_.num_retrieval;
+  s.sink = sink;
+  s.recent = recent;
+  s.prefill = prefill;
+  return backend_->create_cache(s);
+}
+
+void Model::reserve(int64_t rows) {
+  if (rows <= reserved_) return;
+  Backend& b = *backend_;
+  const ModelConfig& c = config_;
+  x_ = b.alloc(rows, c.hidden_size);
+  xn_ = b.alloc(rows, c.hidden_size);
+  q_ = b.alloc(rows, c.q_dim());
+  k_ = b.alloc(rows, c.kv_dim());
+  v_ = b.alloc(rows, c.kv_dim());
+  attn_ = b.alloc(rows, c.q_dim());
+  proj_ = b.alloc(rows, c.hidden_size);
+  gate_ = b.alloc(rows, c.intermediate_size);
+  up_ = b.alloc(rows, c.intermediate_size);
+  act_ = b.alloc(rows, c.intermediate_size);
+  logits_ = b.alloc(rows, c.vocab_size);
+  reserved_ = rows;
+}
+
+std::vector<float> Model::forward(std::span<const int32_t> tokens, KVCache& cache, int64_t logit_rows) {
+  const ModelConfig& c = config_;
+  Backend& b = *backend_;
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  check(n > 0, "forward: no tokens");
+  check(logit_rows >= 0 && logit_rows <= n, "forward: logit_rows ", logit_rows, " outside 0..", n);
+  const int64_t p0 = cache.length();
+  check(p0 + n <= cache.spec().capacity, "context length exceeded: ", p0 + n,
+        " tokens, but the context (-c) is ", cache.spec().capacity);
+  reserve(n);
+  std::vector<int64_t> positions(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) positions[i] = p0 + i;
+  const RopeFrequencies& freqs = rope_.for_call(p0 + n - 1);
+
+  auto rows = [&](const Tensor& t) { return b.view_rows(t, 0, n); };
+  Tensor x = rows(x_), xn = rows(xn_), q = rows(q_), k = rows(k_), v = rows(v_);
+  Tensor attn = rows(attn_), proj = rows(proj_), gate = rows(gate_), up = rows(up_), act = rows(act_);
+
+  b.embed(embed_, tokens, x);  // x [n, hidden]
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const LayerWeights& w = layers_[l];
+    // Attention block: x += o_proj(attention(rope(q), rope(k), v))
+    b.rmsnorm(x, w.attn_norm, static_cast<float>(c.rms_norm_eps), xn);  // [n, hidden]
+    b.linear(xn, w.wq, w.bq.data ? &w.bq : nullptr, q);                  // [n, heads * d]
+    b.linear(xn, w.wk, w.bk.data ? &w.bk : nullptr, k);                  // [n, kv_heads * d]
+    b.linear(xn, w.wv, w.bv.data ? &w.bv : nullptr, v);                  // [n, kv_heads * d]
+    b.rope(q, c.num_heads, c.head_dim, positions, freqs);
+    b.rope(k, c.num_kv_heads, c.head_dim, positions, freqs);
+    b.attention(cache, l, q, k, v, c.num_heads, attn);                   // [n, heads * d]
+    b.linear(attn, w.wo, w.bo.data ? &w.bo : nullptr, proj);             // [n, hidden]
+    b.add(x, proj);
+    // MLP block: x += down(silu(gate(x)) * up(x))
+    b.rmsnorm(x, w.mlp_norm, static_cast<float>(c.rms_norm_eps), xn);
+    b.linear(xn, w.w_gate, nullptr, gate);  // [n, intermediate]
+    b.linear(xn, w.w_up, nullptr, up);      // [n, intermediate]
+    b.swiglu(gate, up, act);
+    b.linear(act, w.w_down, nullptr, proj);  // [n, hidden]
+    b.add(x, proj);
+  }
+  b.advance(cache, n);
+  if (logit_rows == 0) return {};
+  Tensor last = b.view_rows(x_, n - logit_rows, n);
+  Tensor last_n = b.view_rows(xn_, 0, logit_rows);
+  b.rmsnorm(last, final_norm_, static_cast<float>(c.rms_norm_eps), last_n);
+  Tensor logits = b.view_rows(logits_, 0, logit_rows);
+  b.linear(last_n, lm_head_, nullptr, logits);  // [logit_rows, vocab]
+  return b.download(logits, 0, logit_rows);
+}
+
+}  // namespace duo

@@ -1,0 +1,70 @@
+// A Llama-family decoder (llama, mistral, qwen2) on a Backend: weights, head layout, forward pass.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "engine/backend.h"
+#include "engine/rope.h"
+#include "model/config.h"
+
+namespace duo {
+
+// Per-layer order of KV heads after loading: kv_order[new] = original KV head. Retrieval heads
+// come first so each layer has two contiguous head ranges; query groups move with their KV head.
+struct HeadLayout {
+  std::vector<std::vector<int32_t>> kv_order;  // [layer][new position] -> original KV head
+  std::vector<int64_t> num_retrieval;          // [layer]
+
+  static HeadLayout all_retrieval(const ModelConfig& c);
+  // From per-layer flags (1 = retrieval), [layer][original KV head].
+  static HeadLayout from_flags(const ModelConfig& c, const std::vector<std::vector<uint8_t>>& retrieval);
+};
+
+struct LayerWeights {
+  Tensor attn_norm, wq, wk, wv, wo, bq, bk, bv, bo;  // biases have data == nullptr when absent
+  Tensor mlp_norm, w_gate, w_up, w_down;
+};
+
+class Model {
+ public:
+  enum class WeightSource { kCheckpoint, kRandom };
+
+  // Loads config.json and the safetensors weights of model_dir onto the backend, permuting heads
+  // per layout. kRandom builds weights from config.json alone (seeded) for benchmarks.
+  Model(const std::filesystem::path& model_dir, Backend& backend, const HeadLayout& layout,
+        WeightSource source = WeightSource::kCheckpoint, uint64_t seed = 0);
+  Model(const ModelConfig& config, Backend& backend, const HeadLayout& layout, uint64_t seed);
+
+  const ModelConfig& config() const { return config_; }
+  const HeadLayout& layout() const { return layout_; }
+  Backend& backend() { return *backend_; }
+
+  // A cache sized for `capacity` tokens with this model's head layout.
+  std::unique_ptr<KVCache> make_cache(int64_t capacity, int64_t sink, int64_t recent,
+                                      StreamingPrefill prefill) const;
+
+  // Runs tokens (at positions cache.length() ...) through the model, appending to the cache.
+  // Returns logits [tokens.size() x vocab] for the last `logit_rows` tokens (row-major).
+  std::vector<float> forward(std::span<const int32_t> tokens, KVCache& cache, int64_t logit_rows = 1);
+
+ private:
+  void load_checkpoint(const std::filesystem::path& model_dir);
+  void load_random(uint64_t seed);
+  void reserve(int64_t rows);
+
+  ModelConfig config_;
+  Backend* backend_;
+  HeadLayout layout_;
+  RopeState rope_;
+  Tensor embed_, final_norm_, lm_head_;
+  std::vector<LayerWeights> layers_;
+  // Scratch activations, sized for reserved_ rows.
+  int64_t reserved_ = 0;
+  Tensor x_, xn_, q_, k_, v_, attn_, proj_, gate_, up_, act_, logits_;
+};
+
+}  // namespace duo
