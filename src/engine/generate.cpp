@@ -1,0 +1,50 @@
+#include "engine/generate.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "core/error.h"
+
+namespace duo {
+
+GenerateResult generate(Model& model, KVCache& cache, std::span<const int32_t> prompt,
+                        const GenerateOptions& opt, const GenerateCallbacks& cb) {
+  using clock = std::chrono::steady_clock;
+  const int64_t n = static_cast<int64_t>(prompt.size());
+  check(n > 0, "empty prompt: nothing to run");
+  check(opt.chunk > 0, "--chunk must be positive, got ", opt.chunk);
+  check(opt.max_new_tokens >= 0, "-n must be >= 0, got ", opt.max_new_tokens);
+  check(cache.length() == 0, "generate: the cache must start empty");
+  const int64_t ctx = cache.spec().capacity;
+  check(n <= ctx, "prompt is ", n, " tokens, longer than the context length -c ", ctx);
+  check(n + opt.max_new_tokens <= ctx, "prompt (", n, " tokens) + -n ", opt.max_new_tokens,
+        " exceeds the context length -c ", ctx);
+  Sampler sampler(opt.sampling);
+  GenerateResult r;
+  r.prompt_tokens = n;
+  const auto t0 = clock::now();
+  std::vector<float> logits;
+  for (int64_t p = 0; p < n; p += opt.chunk) {
+    const int64_t len = std::min(opt.chunk, n - p);
+    const bool last = p + len == n;
+    logits = model.forward(prompt.subspan(static_cast<size_t>(p), static_cast<size_t>(len)), cache, last ? 1 : 0);
+    if (cb.on_prefill) cb.on_prefill(p + len, n);
+  }
+  const auto t1 = clock::now();
+  r.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
+  for (int64_t i = 0; i < opt.max_new_tokens; ++i) {
+    const int32_t next = sampler.sample(logits);
+    r.tokens.push_back(next);
+    if (cb.on_token) cb.on_token(next);
+    if (std::find(opt.stop_ids.begin(), opt.stop_ids.end(), next) != opt.stop_ids.end()) {
+      r.stopped = true;
+      break;
+    }
+    if (i + 1 == opt.max_new_tokens) break;
+    logits = model.forward(std::span<const int32_t>(&next, 1), cache, 1);
+  }
+  r.decode_seconds = std::chrono::duration<double>(clock::now() - t1).count();
+  return r;
+}
+
+}  // namespace duo
