@@ -146,7 +146,7 @@ TEST_F(CliPattern, ModelShapeMatchesAndGivesHeadDim) {
   auto r = run("-p " + quote(kLlama3) + " -m " + quote(m));
   ASSERT_EQ(r.rc, 0) << r.err;
   EXPECT_THAT(r.out, HasSubstr("matches model"));
-  EXPECT_THAT(r.out, HasSubstr("head_dim 64 from model"));
+  EXPECT_THAT(r.out, HasSubstr("head_dim 64 (from model"));
   EXPECT_THAT(r.out, HasSubstr("(2147483648 bytes)"));  // 4 GiB / 2
 }
 

@@ -108,7 +108,7 @@ void run_pattern(const PatternArgs& a) {
   HeadPattern pat = load_head_pattern(a.pattern);
 
   int64_t head_dim = a.head_dim;
-  std::string head_dim_source = "--head-dim (no model given; default 128)";
+  std::string head_dim_source = "default: no model given, set with --head-dim";
   std::optional<ModelConfig> model;
   if (!a.model_dir.empty()) {
     check(!a.head_dim_opt->count(), "--head-dim cannot be combined with -m/--model: the model's ",
@@ -116,9 +116,9 @@ void run_pattern(const PatternArgs& a) {
     model = ModelConfig::load(a.model_dir);
     validate_against(pat, *model, a.model_dir);
     head_dim = model->head_dim;
-    head_dim_source = "model " + a.model_dir;
+    head_dim_source = "from model " + a.model_dir;
   } else if (a.head_dim_opt->count()) {
-    head_dim_source = "--head-dim";
+    head_dim_source = "from --head-dim";
   }
 
   auto window = [](CLI::Option* opt, int64_t flag, std::optional<int64_t> cfg, int64_t def,
@@ -251,7 +251,7 @@ void run_pattern(const PatternArgs& a) {
     std::printf("%5lld  %9s  %9.4f  %s\n", static_cast<long long>(l), frac, r.mean,
                 compact_list(r.heads).c_str());
   }
-  std::printf("\nKV cache at %lld tokens (head_dim %lld from %s; %lld bytes/element, bf16):\n",
+  std::printf("\nKV cache at %lld tokens, head_dim %lld (%s), bf16 (%lld bytes/element):\n",
               static_cast<long long>(a.context), static_cast<long long>(head_dim),
               head_dim_source.c_str(), static_cast<long long>(kBytesPerElement));
   std::printf("  full attention  %12s  (%lld bytes)\n", human_bytes(full_bytes).c_str(),
