@@ -4,6 +4,7 @@
 //
 // Notation: S = sink size (first S tokens are kept forever), R = recent size (a ring of the last R
 // tokens), positions are absolute 0-based token indices, n_tokens = tokens appended so far.
+// Callers guarantee S >= 0 and R >= 0 (validated on the host; nothing here throws).
 //
 // Streaming store layout (capacity S + R slots):
 //   position j <  S            -> slot j                      (sink slots 0..S-1)
