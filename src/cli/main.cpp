@@ -1,7 +1,6 @@
+#include <CLI/CLI.hpp>
 #include <cstdio>
 #include <exception>
-
-#include <CLI/CLI.hpp>
 
 #include "cli/commands.h"
 #include "core/error.h"
@@ -12,6 +11,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   duo::cli::add_info_command(app);
   duo::cli::add_run_command(app);
+  duo::cli::add_pattern_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
