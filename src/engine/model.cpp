@@ -1,5 +1,6 @@
 #include "engine/model.h"
 
+#include <algorithm>
 #include <random>
 #include <string>
 
@@ -9,33 +10,39 @@
 namespace duo {
 
 HeadLayout HeadLayout::all_retrieval(const ModelConfig& c) {
+  return from_partition(c, duo::all_retrieval(c.num_layers, c.num_kv_heads));
+}
+
+HeadLayout HeadLayout::from_partition(const ModelConfig& c, const HeadPartition& p) {
+  check(p.num_layers == c.num_layers && p.num_kv_heads == c.num_kv_heads, "head partition of ",
+        p.num_layers, " layers x ", p.num_kv_heads, " KV heads does not match the model (",
+        c.num_layers, " x ", c.num_kv_heads, ")");
   HeadLayout h;
-  for (int64_t l = 0; l < c.num_layers; ++l) {
-    std::vector<int32_t> order(static_cast<size_t>(c.num_kv_heads));
-    for (int64_t i = 0; i < c.num_kv_heads; ++i) order[i] = static_cast<int32_t>(i);
-    h.kv_order.push_back(order);
-    h.num_retrieval.push_back(c.num_kv_heads);
-  }
+  for (int64_t l = 0; l < c.num_layers; ++l) h.layers.push_back(layer_head_order(p, l, c.group_size()));
   return h;
 }
 
-HeadLayout HeadLayout::from_flags(const ModelConfig& c,
-                                  const std::vector<std::vector<uint8_t>>& retrieval) {
-  check(static_cast<int64_t>(retrieval.size()) == c.num_layers, "head layout: ", retrieval.size(),
-        " layers given, the model has ", c.num_layers);
-  HeadLayout h;
+std::vector<int64_t> HeadLayout::num_retrieval() const {
+  std::vector<int64_t> r;
+  for (const auto& l : layers) r.push_back(l.num_retrieval);
+  return r;
+}
+
+void HeadLayout::validate(const ModelConfig& c) const {
+  check(static_cast<int64_t>(layers.size()) == c.num_layers, "head layout has ", layers.size(),
+        " layers, the model has ", c.num_layers);
   for (int64_t l = 0; l < c.num_layers; ++l) {
-    check(static_cast<int64_t>(retrieval[l].size()) == c.num_kv_heads, "head layout: layer ", l,
-          " has ", retrieval[l].size(), " KV heads, the model has ", c.num_kv_heads);
-    std::vector<int32_t> order;
-    for (int64_t i = 0; i < c.num_kv_heads; ++i)
-      if (retrieval[l][i]) order.push_back(static_cast<int32_t>(i));
-    h.num_retrieval.push_back(static_cast<int64_t>(order.size()));
-    for (int64_t i = 0; i < c.num_kv_heads; ++i)
-      if (!retrieval[l][i]) order.push_back(static_cast<int32_t>(i));
-    h.kv_order.push_back(order);
+    const LayerHeadOrder& o = layers[l];
+    std::vector<int32_t> sorted = o.kv_order;
+    std::sort(sorted.begin(), sorted.end());
+    bool ok = static_cast<int64_t>(sorted.size()) == c.num_kv_heads &&
+              o.num_retrieval >= 0 && o.num_retrieval <= c.num_kv_heads &&
+              static_cast<int64_t>(o.q_order.size()) == c.num_heads;
+    for (int64_t i = 0; ok && i < c.num_kv_heads; ++i) ok = sorted[i] == i;
+    for (int64_t i = 0; ok && i < c.num_heads; ++i)
+      ok = o.q_order[i] == o.kv_order[i / c.group_size()] * c.group_size() + i % c.group_size();
+    check(ok, "head layout: layer ", l, " is not a valid head permutation");
   }
-  return h;
 }
 
 namespace {
@@ -63,21 +70,12 @@ std::vector<float> permute_head_cols(const std::vector<float>& w, const std::vec
   return out;
 }
 
-// Query-head order implied by a KV-head order: group of KV head g = query heads g*G .. g*G+G-1.
-std::vector<int32_t> query_order(const std::vector<int32_t>& kv_order, int64_t group) {
-  std::vector<int32_t> q;
-  for (int32_t g : kv_order)
-    for (int64_t i = 0; i < group; ++i) q.push_back(static_cast<int32_t>(g * group + i));
-  return q;
-}
-
 }  // namespace
 
 Model::Model(const std::filesystem::path& model_dir, Backend& backend, const HeadLayout& layout,
              WeightSource source, uint64_t seed)
     : config_(ModelConfig::load(model_dir)), backend_(&backend), layout_(layout), rope_(config_) {
-  check(static_cast<int64_t>(layout_.kv_order.size()) == config_.num_layers,
-        "head layout has ", layout_.kv_order.size(), " layers, model has ", config_.num_layers);
+  layout_.validate(config_);
   if (source == WeightSource::kCheckpoint) {
     load_checkpoint(model_dir);
   } else {
@@ -87,6 +85,7 @@ Model::Model(const std::filesystem::path& model_dir, Backend& backend, const Hea
 
 Model::Model(const ModelConfig& config, Backend& backend, const HeadLayout& layout, uint64_t seed)
     : config_(config), backend_(&backend), layout_(layout), rope_(config_) {
+  layout_.validate(config_);
   load_random(seed);
 }
 
@@ -105,11 +104,10 @@ void Model::load_checkpoint(const std::filesystem::path& model_dir) {
   } else {
     lm_head_ = up2(ws.load_f32("lm_head.weight", {c.vocab_size, H}), c.vocab_size, H);
   }
-  const int64_t G = c.group_size();
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
-    const auto& kvo = layout_.kv_order[l];
-    const auto qo = query_order(kvo, G);
+    const auto& kvo = layout_.layers[l].kv_order;
+    const auto& qo = layout_.layers[l].q_order;
     LayerWeights w;
     w.attn_norm = up2(ws.load_f32(p + "input_layernorm.weight", {H}), 1, H);
     w.mlp_norm = up2(ws.load_f32(p + "post_attention_layernorm.weight", {H}), 1, H);
@@ -178,7 +176,7 @@ std::unique_ptr<KVCache> Model::make_cache(int64_t capacity, int64_t sink, int64
   s.num_kv_heads = config_.num_kv_heads;
   s.head_dim = config_.head_dim;
   s.capacity = capacity;
-  s.num_retrieval = layout_.num_retrieval;
+  s.num_retrieval = layout_.num_retrieval();
   s.sink = sink;
   s.recent = recent;
   s.prefill = prefill;

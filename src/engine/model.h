@@ -8,20 +8,24 @@
 #include <vector>
 
 #include "engine/backend.h"
+#include "duo/head_pattern.h"
 #include "engine/rope.h"
 #include "model/config.h"
 
 namespace duo {
 
-// Per-layer order of KV heads after loading: kv_order[new] = original KV head. Retrieval heads
-// come first so each layer has two contiguous head ranges; query groups move with their KV head.
+// Per-layer physical order of heads after loading (duo/head_pattern.h, LayerHeadOrder): retrieval
+// KV heads first, so each layer has two contiguous head ranges; query groups move with their KV
+// head. Any order that keeps the retrieval heads in front gives the same outputs (tested).
 struct HeadLayout {
-  std::vector<std::vector<int32_t>> kv_order;  // [layer][new position] -> original KV head
-  std::vector<int64_t> num_retrieval;          // [layer]
+  std::vector<LayerHeadOrder> layers;
 
   static HeadLayout all_retrieval(const ModelConfig& c);
-  // From per-layer flags (1 = retrieval), [layer][original KV head].
-  static HeadLayout from_flags(const ModelConfig& c, const std::vector<std::vector<uint8_t>>& retrieval);
+  static HeadLayout from_partition(const ModelConfig& c, const HeadPartition& p);
+  std::vector<int64_t> num_retrieval() const;
+  // Throws Error unless every layer is a permutation of the model's heads with q_order following
+  // kv_order by groups.
+  void validate(const ModelConfig& c) const;
 };
 
 struct LayerWeights {
