@@ -116,6 +116,13 @@ std::optional<std::string> token_string(const json& j) {
   return std::nullopt;
 }
 
+// Boolean field of tokenizer_config.json; missing or null gives `def`.
+bool config_flag(const json& config, const char* key, bool def, const fs::path& path) {
+  if (!config.contains(key) || config[key].is_null()) return def;
+  check(config[key].is_boolean(), path.string(), ": field '", key, "': expected true or false");
+  return config[key].get<bool>();
+}
+
 std::string field_string(const json& j, const char* key, const std::string& where) {
   check(j.contains(key) && j[key].is_string(), where, ": field '", key, "': expected a string");
   return j[key].get<std::string>();
@@ -808,7 +815,8 @@ void load_tokenizer_json(const fs::path& path, TokenizerImpl& t) {
   parse_post_processor(j.value("post_processor", json()), where, t);
 }
 
-void load_sentencepiece(const fs::path& path, const json& config, TokenizerImpl& t) {
+void load_sentencepiece(const fs::path& path, const json& config, const fs::path& config_path,
+                        TokenizerImpl& t) {
   const std::string where = path.string();
   t.sp = std::make_unique<sentencepiece::SentencePieceProcessor>();
   auto status = t.sp->Load(path.string());
@@ -834,9 +842,9 @@ void load_sentencepiece(const fs::path& path, const json& config, TokenizerImpl&
   strip.content = " ";
   strip.start = 1;
   t.decoders.push_back(strip);
-  if (config.value("add_bos_token", true) && t.sp->bos_id() >= 0)
+  if (config_flag(config, "add_bos_token", true, config_path) && t.sp->bos_id() >= 0)
     t.prefix_ids.push_back(t.sp->bos_id());
-  if (config.value("add_eos_token", false) && t.sp->eos_id() >= 0)
+  if (config_flag(config, "add_eos_token", false, config_path) && t.sp->eos_id() >= 0)
     t.suffix_ids.push_back(t.sp->eos_id());
 }
 
@@ -871,7 +879,7 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const fs::path& model_dir) {
   } else if (fs::exists(model_dir / "tokenizer.model", ec)) {
     impl->source = "tokenizer.model";
     impl->source_path = model_dir / "tokenizer.model";
-    load_sentencepiece(impl->source_path, config, *impl);
+    load_sentencepiece(impl->source_path, config, config_path, *impl);
   } else {
     fail(model_dir.string(), ": no tokenizer.json or tokenizer.model found");
   }
@@ -889,6 +897,19 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const fs::path& model_dir) {
     return it->second;
   };
   impl->bos = lookup("bos_token");
+  if (impl->source == "tokenizer.json" &&
+      (config.contains("add_bos_token") || config.contains("add_eos_token"))) {
+    const bool add_bos = config_flag(config, "add_bos_token", false, config_path);
+    const bool add_eos = config_flag(config, "add_eos_token", false, config_path);
+    // transformers 5 (TokenizersBackend.update_post_processor): explicit add_bos_token /
+    // add_eos_token in tokenizer_config.json replace the post-processor with
+    // "[bos] $A [eos]".
+    impl->prefix_ids.clear();
+    impl->suffix_ids.clear();
+    auto eos = lookup("eos_token");
+    if (add_bos && impl->bos) impl->prefix_ids.push_back(*impl->bos);
+    if (add_eos && eos) impl->suffix_ids.push_back(*eos);
+  }
   if (!impl->bos && impl->sp && impl->sp->bos_id() >= 0) impl->bos = impl->sp->bos_id();
   if (auto e = lookup("eos_token")) impl->eos.push_back(*e);
   if (impl->eos.empty() && impl->sp && impl->sp->eos_id() >= 0)

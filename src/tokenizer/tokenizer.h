@@ -9,6 +9,10 @@
 // special_tokens_map.json when present. encode()/decode() reproduce HF `tokenizer(text).input_ids`
 // and `tokenizer.decode(ids, skip_special_tokens=...)`.
 //
+// BOS/EOS: the tokenizer.json post-processor decides, except that explicit add_bos_token /
+// add_eos_token in tokenizer_config.json replace it by "[bos] $A [eos]" (transformers 5 behaviour).
+// For tokenizer.model, add_bos_token defaults to true and add_eos_token to false (LlamaTokenizer).
+//
 // Known limits: normalizers NFC/NFKC are accepted but applied as identity (input that is already
 // NFC — nearly all text — is unaffected); added tokens are matched on the raw text regardless of
 // their `normalized` flag; `single_word` is ignored.
