@@ -1,0 +1,80 @@
+// Text <-> token ids for Hugging Face checkpoints.
+//
+// Tokenizer::load(model_dir) reads, in order of preference:
+//   tokenizer.json   (Hugging Face `tokenizers` format; model type BPE: byte-level family such as
+//                     GPT-2 / Llama-3 / Qwen2, and SentencePiece-converted family such as Llama-2 /
+//                     Mistral with byte_fallback),
+//   tokenizer.model  (SentencePiece, through libsentencepiece),
+// plus tokenizer_config.json (add_bos_token / add_eos_token, bos / eos strings, chat_template) and
+// special_tokens_map.json when present. encode()/decode() reproduce HF `tokenizer(text).input_ids`
+// and `tokenizer.decode(ids, skip_special_tokens=...)`.
+//
+// BOS/EOS: the tokenizer.json post-processor decides, except that explicit add_bos_token /
+// add_eos_token in tokenizer_config.json replace it by "[bos] $A [eos]" (transformers 5 behaviour).
+// For tokenizer.model, add_bos_token defaults to true and add_eos_token to false (LlamaTokenizer).
+//
+// Known limits: normalizers NFC/NFKC are accepted but applied as identity (input that is already
+// NFC — nearly all text — is unaffected); added tokens are matched on the raw text regardless of
+// their `normalized` flag; `single_word` is ignored.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace duo {
+
+struct TokenizerImpl;
+
+class Tokenizer {
+ public:
+  ~Tokenizer();
+  Tokenizer(const Tokenizer&) = delete;
+  Tokenizer& operator=(const Tokenizer&) = delete;
+
+  // Throws duo::Error naming the directory or file on any problem.
+  static std::unique_ptr<Tokenizer> load(const std::filesystem::path& model_dir);
+
+  // HF `tokenizer.encode(text, add_special_tokens=...)`: added/special tokens written literally in
+  // the text map to their ids; add_special_tokens adds what the post-processor (or add_bos_token /
+  // add_eos_token for tokenizer.model) adds, e.g. BOS.
+  std::vector<int32_t> encode(std::string_view text, bool add_special_tokens = true) const;
+
+  // HF `tokenizer.decode(ids, skip_special_tokens=...)`. Throws duo::Error for ids outside
+  // [0, vocab_size()).
+  std::string decode(std::span<const int32_t> ids, bool skip_special_tokens = false) const;
+
+  // Number of ids (model vocab plus added tokens), i.e. HF len(tokenizer).
+  int32_t vocab_size() const;
+  std::optional<int32_t> bos_id() const;
+  // eos token of tokenizer_config.json plus end-of-turn tokens present in the vocab
+  // (<|eot_id|>, <|im_end|>, <|end_of_text|>, <|endoftext|>, </s>), deduplicated, config eos first.
+  std::vector<int32_t> eos_ids() const;
+  std::optional<int32_t> token_to_id(std::string_view token) const;
+  // Raw vocabulary string of the id (e.g. "Ġthe", "▁the", "<0x0A>"); throws for bad ids.
+  std::string id_to_token(int32_t id) const;
+  // True for added tokens flagged special (and SentencePiece control / unknown pieces).
+  bool is_special(int32_t id) const;
+  // Whether tokenizer_config.json carries a chat_template.
+  bool has_chat_template() const;
+  // "tokenizer.json" or "tokenizer.model": which file was used.
+  const std::string& source_file() const;
+
+  // --- used by StreamingDecoder ---
+  // Bytes one token contributes to decoded text before UTF-8 validation and before the decoder's
+  // leading-space strip (empty for skipped special tokens).
+  std::string token_bytes(int32_t id, bool skip_special_tokens) const;
+  // How many leading spaces decode() strips from the start of the text (SentencePiece family: 1).
+  int leading_strip() const;
+
+ private:
+  explicit Tokenizer(std::unique_ptr<TokenizerImpl> impl);
+  std::unique_ptr<TokenizerImpl> impl_;
+};
+
+}  // namespace duo
