@@ -59,6 +59,8 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual std::string name() const = 0;
+  // Bytes per element of the KV cache this backend allocates (CPU: fp32; CUDA: bf16).
+  virtual int64_t kv_bytes_per_element() const = 0;
 
   // Weights: host fp32 data [rows x cols] copied (and converted) into backend memory.
   virtual Tensor upload(const float* host, int64_t rows, int64_t cols) = 0;

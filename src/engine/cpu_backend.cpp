@@ -129,6 +129,8 @@ class CpuBackend final : public Backend {
     return mode_ == CpuMode::kReference ? "cpu-reference" : "cpu";
   }
 
+  int64_t kv_bytes_per_element() const override { return sizeof(float); }
+
   Tensor upload(const float* host, int64_t rows, int64_t cols) override {
     Tensor t = alloc(rows, cols);
     std::memcpy(t.data, host, static_cast<size_t>(rows * cols) * sizeof(float));
