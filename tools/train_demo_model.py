@@ -24,7 +24,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # main process; data workers force false
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # main process; data workers force false
 
 import numpy as np  # noqa: E402
 
@@ -43,10 +44,11 @@ HELDOUT_STATE_UNION_FROM = 1991  # state_union/<year>-*.txt with year >= this
 
 ARCHS = {
     # name: (layers, hidden, heads, kv_heads, intermediate)
+    # sized so that model.safetensors (bf16) < 16 MiB, and a tar of the model directory too
     "mha": dict(num_hidden_layers=8, hidden_size=256, num_attention_heads=4, num_key_value_heads=4,
-                intermediate_size=768),
-    "gqa": dict(num_hidden_layers=10, hidden_size=256, num_attention_heads=4, num_key_value_heads=1,
                 intermediate_size=640),
+    "gqa": dict(num_hidden_layers=10, hidden_size=256, num_attention_heads=4, num_key_value_heads=1,
+                intermediate_size=576),
 }
 TINY_ARCHS = {
     "mha": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=1, num_key_value_heads=1,
@@ -287,7 +289,7 @@ def greedy(model, ids, max_new, nl_ids, device):
     out = []
     with torch.no_grad(), torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16,
                                          enabled=device.startswith("cuda")):
-        res = model(input_ids=x, use_cache=True)
+        res = model(input_ids=x, use_cache=True, logits_to_keep=1)
         past = res.past_key_values
         nxt = int(res.logits[0, -1].argmax())
         for _ in range(max_new):
@@ -421,9 +423,16 @@ def train_one(kind: str, args, tok, hf_tok, train_builder_state, builder, held_b
     out = out_root / name
     out.mkdir(parents=True, exist_ok=True)
     log_path, ckpt_path = out / "train_log.json", out / "ckpt.pt"
-    if args.resume and log_path.exists() and json.loads(log_path.read_text()).get("done"):
+    done_before = log_path.exists() and json.loads(log_path.read_text()).get("done", False)
+    extra = args.extra_time > 0 and done_before
+    if done_before and args.resume and not extra:
         log(f"{name}: already done, skipping")
-        return
+        return "done"
+    if extra and not ckpt_path.exists():
+        log(f"{name}: --extra-time needs {ckpt_path} (kept by default); skipping")
+        return "done"
+    if extra:
+        args.resume = True
     device = args.device
     arch = dict((TINY_ARCHS if args.tiny else ARCHS)[kind])
     max_len = 1024 if args.tiny else 16640
@@ -442,11 +451,17 @@ def train_one(kind: str, args, tok, hf_tok, train_builder_state, builder, held_b
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.startswith("cuda"))
     step, train_time, tokens = 0, 0.0, 0
+    phase, phase_step0, phase_t0, ck_budget = "main", 0, 0.0, None
     if args.resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         step, train_time, tokens = ck["step"], ck["train_time"], ck["tokens"]
+        phase, phase_step0, phase_t0 = ck.get("phase", "main"), ck.get("phase_step0", 0), ck.get("phase_t0", 0.0)
+        ck_budget = ck.get("budget")
+        if extra and ck.get("complete", False):
+            # start a new extra phase: final length mix, lower peak LR, fresh warm-up and cosine
+            phase, phase_step0, phase_t0, ck_budget = "extra", step, train_time, None
         random.setstate(ck["rng_py"])
         np.random.set_state(ck["rng_np"])
         torch.set_rng_state(ck["rng_torch"])
@@ -456,28 +471,30 @@ def train_one(kind: str, args, tok, hf_tok, train_builder_state, builder, held_b
 
     def save_ckpt():
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "train_time": train_time, "tokens": tokens, "budget": budget, "rng_py": random.getstate(),
+                    "train_time": train_time, "tokens": tokens, "budget": budget, "phase": phase,
+                    "phase_step0": phase_step0, "phase_t0": phase_t0, "complete": complete, "rng_py": random.getstate(),
                     "rng_np": np.random.get_state(), "rng_torch": torch.get_rng_state(),
                     "rng_cuda": torch.cuda.get_rng_state() if device.startswith("cuda") else None,
                     }, str(ckpt_path) + ".tmp")
         os.replace(str(ckpt_path) + ".tmp", ckpt_path)
         log(f"{name}: checkpoint saved at step {step}")
 
-    budget, max_steps = args.time_budget, args.steps
+    budget, max_steps = (args.extra_time if phase == "extra" else args.time_budget), args.steps
+    complete = False
     if args.wall_limit and budget:
         # shrink this model's training time so that all remaining models (+ save/eval) fit the wall limit
         left = args.wall_limit - (time.time() - T0) - args.eval_reserve * args._models_left
         budget = max(10.0, min(budget, left / args._models_left))
-    if args.resume and ckpt_path.exists():
-        budget = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("budget", budget)
+    if ck_budget is not None:
+        budget = ck_budget
     log(f"{name}: training time budget {budget:.0f}s, max steps {max_steps or '-'}")
 
     def progress():
         ps = []
         if max_steps:
-            ps.append(step / max_steps)
+            ps.append((step - phase_step0) / max_steps)
         if budget:
-            ps.append(train_time / budget)
+            ps.append((train_time - phase_t0) / budget)
         return max(ps) if ps else 1.0
 
     batch_tokens = args.batch_tokens
@@ -491,9 +508,9 @@ def train_one(kind: str, args, tok, hf_tok, train_builder_state, builder, held_b
 
     def submit():
         nonlocal next_submit
-        L = seq_len_for(progress(), next_submit, args.seed, max_len, args.tiny)
+        L = seq_len_for(1.0 if phase == "extra" else progress(), next_submit, args.seed, max_len, args.tiny)
         rows = max(1, batch_tokens // L)
-        easy = progress() < 0.1
+        easy = phase == "main" and progress() < 0.1
         if pool is not None:
             pending.append((next_submit, L, pool.submit(make_batch, next_submit, L, rows, easy)))
         else:
@@ -528,7 +545,8 @@ def train_one(kind: str, args, tok, hf_tok, train_builder_state, builder, held_b
             w = w.pin_memory().to(device, non_blocking=True)
         x = x.long()
         inp, tgt, wt = x[:, :-1], x[:, 1:], w[:, 1:]
-        lr = lr_at(step, progress(), args.lr, args.warmup)
+        lr = lr_at(step - phase_step0, progress(), args.lr * (args.extra_lr_scale if phase == "extra" else 1.0),
+                   args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast(device_type="cuda" if use_cuda else "cpu", dtype=torch.bfloat16, enabled=use_cuda):
@@ -579,6 +597,9 @@ def train_one(kind: str, args, tok, hf_tok, train_builder_state, builder, held_b
         log(f"{name}: stopped ({stop_reason}) at step {step}; rerun with --resume to continue")
         return "incomplete"
 
+    complete = True
+    if args.keep_ckpt:
+        save_ckpt()
     # ---- final save ----------------------------------------------------------------------------
     final_loss = ema if ema is not None else float("nan")
     final_aloss = ema_a if ema_a is not None else float("nan")
@@ -596,7 +617,14 @@ def train_one(kind: str, args, tok, hf_tok, train_builder_state, builder, held_b
     em = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16 if use_cuda else torch.float32,
                                               attn_implementation="sdpa").to(device)
     t_ev = time.time()
-    summary, detail = run_eval(em, builder, held_builder, tok, args.eval_lengths, args.eval_depths, device, args.seed)
+    try:
+        summary, detail = run_eval(em, builder, held_builder, tok, args.eval_lengths, args.eval_depths, device,
+                                   args.seed)
+    except Exception as e:  # never lose a trained model to an eval problem
+        import traceback
+        traceback.print_exc()
+        log(f"{name}: built-in eval FAILED: {e!r}")
+        summary, detail = {}, {"error": repr(e)}
     log(f"{name}: eval ({time.time() - t_ev:.1f}s): " + json.dumps({k: (v['exact'], round(v['score'], 3)) for k, v in summary.items()}))
     for k, v in summary.items():
         log(f"   {k:16s} by length: {v['by_length']}")
@@ -610,6 +638,15 @@ def train_one(kind: str, args, tok, hf_tok, train_builder_state, builder, held_b
                 eval_summary=summary, eval_detail=detail)
     log_path.write_text(json.dumps(info, indent=1))
     write_card(out / "README.md", name, info)
+    if args.pack:
+        import tarfile
+        args.pack.mkdir(parents=True, exist_ok=True)
+        tar_path = args.pack / f"{name}.tar"
+        with tarfile.open(tar_path, "w") as tf:
+            for f in sorted(out.iterdir()):
+                if f.is_file() and not f.name.startswith("ckpt"):
+                    tf.add(f, arcname=f"{name}/{f.name}")
+        log(f"{name}: packed {tar_path} ({tar_path.stat().st_size / 2**20:.2f} MiB)")
     if ckpt_path.exists() and not args.keep_ckpt:
         ckpt_path.unlink()
     del model, em, opt
@@ -632,6 +669,8 @@ def main():
                     help="stop (with checkpoint) when the whole process has run this long; 0 = off")
     ap.add_argument("--eval-reserve", type=float, default=40.0,
                     help="seconds reserved per model for save + eval when --wall-limit shrinks budgets")
+    ap.add_argument("--pack", type=Path, default=None,
+                    help="also write <PACK>/<name>.tar of each finished model directory (without ckpt.pt)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -640,10 +679,15 @@ def main():
     ap.add_argument("--answer-weight", type=float, default=1.0,
                     help="loss = mean CE(text tokens) + answer_weight * mean CE(answer tokens)")
     ap.add_argument("--rope-theta", type=float, default=250000.0)
-    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--vocab", type=int, default=6144)
     ap.add_argument("--workers", type=int, default=-1, help="data worker processes (-1: auto)")
     ap.add_argument("--ckpt-every", type=float, default=90.0, help="seconds of training between checkpoints")
-    ap.add_argument("--keep-ckpt", action="store_true")
+    ap.add_argument("--keep-ckpt", action=argparse.BooleanOptionalAction, default=True,
+                    help="keep models/<name>/ckpt.pt after finishing (needed for --extra-time); git-ignored")
+    ap.add_argument("--extra-time", type=float, default=0.0,
+                    help="continue FINISHED models for this many seconds (final length mix, LR x --extra-lr-scale, "
+                         "new warm-up + cosine), then save and evaluate again")
+    ap.add_argument("--extra-lr-scale", type=float, default=0.3)
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--eval-lengths", type=int, nargs="+", default=None)
     ap.add_argument("--eval-depths", type=float, nargs="+", default=None)
@@ -663,7 +707,7 @@ def main():
         args.eval_lengths = args.eval_lengths or [1024, 2048, 4096, 8192, 16384]
         args.eval_depths = args.eval_depths or [round(i / 9, 4) for i in range(10)]
     if args.workers < 0:
-        args.workers = 0 if args.tiny else max(1, min(12, (os.cpu_count() or 2) - 3))
+        args.workers = 0 if args.tiny else max(1, min(8, (os.cpu_count() or 2) - 4))
 
     import torch
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -679,7 +723,7 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     tok_dir = args.out / ("_tokenizer-tiny" if args.tiny else "_tokenizer")
     from tokenizers import Tokenizer
-    if args.resume and (tok_dir / "tokenizer.json").exists():
+    if (args.resume or args.extra_time > 0) and (tok_dir / "tokenizer.json").exists():
         tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
         log(f"tokenizer: reused {tok_dir}")
     else:
@@ -702,6 +746,7 @@ def main():
     state = dict(tok=tok.to_str(), texts=train_texts, filler=filler, bos=bos, eos=eos,
                  answer_weight=args.answer_weight, seed=args.seed)
 
+    resume_flag = args.resume
     args._pool = None
     if args.workers > 0:
         import multiprocessing as mp
@@ -712,6 +757,7 @@ def main():
     for i, k in enumerate(kinds):
         args._models_left = len(kinds) - i
         status[k] = train_one(k, args, tok, hf_tok, state, builder, held_builder, args.out)
+        args.resume = resume_flag
         if status[k] == "incomplete":
             break
     log(f"all done: {status} total wall {time.time() - T0:.1f}s")
