@@ -366,6 +366,9 @@ def write_card(path: Path, name: str, info: dict):
         f"- Seed {info['config']['seed']}; AdamW (fused) lr {info['config']['lr']} betas (0.9, 0.95) wd 0.1, "
         f"warm-up {info['config']['warmup']} steps then cosine to 10% over the time budget; bf16 autocast; "
         f"~{info['config']['batch_tokens']:,} tokens per step; SDPA attention; no dropout.",
+        *([f"- Includes an --extra-time continuation of {info['config']['extra_time']:.0f} s (final length mix, "
+            f"LR x {info['config']['extra_lr_scale']}); steps, tokens and time above are cumulative."]
+          if info['config'].get('extra_time') else []),
         "- Curriculum of sequence lengths by training progress: 1K -> 2K -> 4K -> 8K, then a mix of "
         "16,640 (55%), 8K, 4K, 2K tokens.",
         "- Data: public-domain text from the duo corpus (gutenberg, inaugural, state_union) as haystacks, "
