@@ -101,6 +101,31 @@ TEST_P(FixtureTest, StreamingMatchesDecode) {
   }
 }
 
+// Random id sequences, many of them invalid UTF-8 (stray byte tokens): decode() and the streaming
+// decoder must reproduce HF's U+FFFD placement exactly.
+TEST_P(FixtureTest, RandomIdsDecodeAndStream) {
+  const auto& tok = tokenizer(GetParam());
+  const auto& list = cases()["random_ids"][GetParam()];
+  ASSERT_GE(list.size(), 50u);
+  for (const auto& c : list) {
+    auto ids = c["ids"].get<std::vector<int32_t>>();
+    SCOPED_TRACE("ids " + show(ids));
+    for (bool skip : {false, true}) {
+      const std::string want = c[skip ? "decode_skip_special" : "decode"];
+      EXPECT_EQ(tok.decode(ids, skip), want);
+      duo::StreamingDecoder dec(tok, skip);
+      std::string all;
+      for (int32_t id : ids) {
+        std::string piece = dec.push(id);
+        EXPECT_TRUE(duo::utf8::is_valid(piece));
+        all += piece;
+      }
+      all += dec.flush();
+      EXPECT_EQ(all, want) << "skip=" << skip;
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Tokenizers, FixtureTest,
                          ::testing::Values("bytelevel", "bytelevel_chatml", "sentencepiece",
                                            "sentencepiece_json", "sentencepiece_metaspace"));
@@ -141,15 +166,25 @@ TEST(Tokenizer, SentencePieceFilesAgree) {
 
 TEST(Tokenizer, StreamingHoldsPartialCharacters) {
   const auto& sp = tokenizer("sentencepiece_json");
-  // 😀 = F0 9F 98 80 as four byte-fallback tokens.
-  std::vector<int32_t> ids = sp.encode("\U0001F600", false);
-  ASSERT_GE(ids.size(), 4u);
+  // 😀 = F0 9F 98 80 as four byte-fallback tokens (after "▁"): held until the run ends.
+  std::vector<int32_t> ids = sp.encode("\U0001F600!", false);
+  ASSERT_GE(ids.size(), 5u);
   duo::StreamingDecoder dec(sp);
   std::string out;
   for (size_t i = 0; i + 1 < ids.size(); ++i) out += dec.push(ids[i]);
-  std::string last = dec.push(ids.back());
-  EXPECT_EQ(last, "\U0001F600");
+  EXPECT_EQ(out, "");
+  EXPECT_EQ(dec.push(ids.back()), "\U0001F600!");
   EXPECT_EQ(dec.flush(), "");
+  // A run that is not valid UTF-8 as a whole: one U+FFFD per byte, as HF's ByteFallback.
+  const int32_t e2 = sp.token_to_id("<0xE2>").value(), x98 = sp.token_to_id("<0x98>").value(),
+                x83 = sp.token_to_id("<0x83>").value(), xff = sp.token_to_id("<0xFF>").value();
+  std::vector<int32_t> bad{e2, x98, x83, xff};
+  duo::StreamingDecoder d0(sp);
+  out.clear();
+  for (int32_t id : bad) out += d0.push(id);
+  out += d0.flush();
+  EXPECT_EQ(out, sp.decode(bad));
+  EXPECT_EQ(out, "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD");
 
   const auto& bl = tokenizer("bytelevel");
   ids = bl.encode("\xE2\x98\x83", false);  // ☃: three byte tokens in this small vocab

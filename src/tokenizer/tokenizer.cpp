@@ -219,6 +219,7 @@ struct TokenizerImpl {
   std::vector<PreTokenizer> pre_tokenizers;
   std::vector<Decoder> decoders;
   bool has_decoder = false;
+  bool byte_fallback_decoder = false;           // decoders include ByteFallback
   std::vector<int32_t> prefix_ids, suffix_ids;  // added by the post-processor / add_bos_token
 
   std::unique_ptr<BpeModel> bpe;
@@ -680,6 +681,7 @@ void parse_decoder(const json& j, const std::string& where, TokenizerImpl& t) {
     t.decoders.push_back(d);
   } else if (type == "ByteFallback") {
     t.decoders.push_back(Decoder(Decoder::kByteFallback));
+    t.byte_fallback_decoder = true;
   } else if (type == "Fuse") {
     t.decoders.push_back(Decoder(Decoder::kFuse));
   } else if (type == "Strip") {
@@ -837,6 +839,7 @@ void load_sentencepiece(const fs::path& path, const json& config, const fs::path
   rep.content = " ";
   t.decoders.push_back(rep);
   t.decoders.push_back(Decoder(Decoder::kByteFallback));
+  t.byte_fallback_decoder = true;
   t.decoders.push_back(Decoder(Decoder::kFuse));
   Decoder strip(Decoder::kStrip);
   strip.content = " ";
@@ -993,6 +996,12 @@ std::string Tokenizer::token_bytes(int32_t id, bool skip_special_tokens) const {
 
 int Tokenizer::leading_strip() const {
   return impl_->strip_count();
+}
+
+int Tokenizer::fallback_byte(int32_t id) const {
+  impl_->check_id(id);
+  if (!impl_->byte_fallback_decoder) return -1;
+  return parse_byte_token(impl_->id_to_token[id]);
 }
 
 }  // namespace duo

@@ -71,6 +71,8 @@ class Tokenizer {
   std::string token_bytes(int32_t id, bool skip_special_tokens) const;
   // How many leading spaces decode() strips from the start of the text (SentencePiece family: 1).
   int leading_strip() const;
+  // For a byte-fallback token (<0xAB> with a ByteFallback decoder) its byte, else -1.
+  int fallback_byte(int32_t id) const;
 
  private:
   explicit Tokenizer(std::unique_ptr<TokenizerImpl> impl);
