@@ -14,6 +14,7 @@
 #include "core/file_util.h"
 #include "tokenizer/streaming_decoder.h"
 #include "tokenizer/tokenizer.h"
+#include "tokenizer/unicode_nfc.h"
 #include "tokenizer/utf8.h"
 
 namespace fs = std::filesystem;
@@ -318,6 +319,22 @@ TEST(TokenizerErrors, DecodeOutOfRange) {
     std::vector<int32_t> neg{-1};
     expect_error([&] { tok.decode(neg); }, {"token id -1"});
   }
+}
+
+}  // namespace
+
+namespace {
+
+TEST(Unicode, Nfc) {
+  using duo::utf8::nfc;
+  EXPECT_EQ(nfc("plain ascii"), "plain ascii");
+  EXPECT_EQ(nfc("cafe\xCC\x81"), "caf\xC3\xA9");                           // e + U+0301 -> é
+  EXPECT_EQ(nfc("\xE2\x84\xAB"), "\xC3\x85");                              // U+212B ANGSTROM -> Å
+  EXPECT_EQ(nfc("\xE1\x84\x80\xE1\x85\xA1\xE1\x86\xA8"), "\xEA\xB0\x81");  // L V T -> 각
+  // a + U+0301 (230) + U+0328 (202): reordered to a + ogonek + acute, then ą + acute.
+  EXPECT_EQ(nfc("a\xCC\x81\xCC\xA8"), "\xC4\x85\xCC\x81");
+  EXPECT_EQ(nfc("\xE1\xB8\x8B\xCC\xA3"), "\xE1\xB8\x8D\xCC\x87");  // ḋ + dot below -> ḍ + dot above
+  EXPECT_EQ(nfc("x\xFFy\xC3\xA9"), "x\xFFy\xC3\xA9");              // invalid byte passes through
 }
 
 }  // namespace

@@ -14,6 +14,7 @@
 #include "core/error.h"
 #include "core/file_util.h"
 #include "tokenizer/bpe.h"
+#include "tokenizer/unicode_nfc.h"
 #include "tokenizer/utf8.h"
 
 namespace duo {
@@ -148,7 +149,7 @@ struct AddedToken {
 };
 
 struct Normalizer {
-  enum Kind { kPrepend, kReplace, kIdentity } kind;
+  enum Kind { kPrepend, kReplace, kNfc } kind;
   std::string a, b;
 };
 
@@ -307,7 +308,8 @@ struct TokenizerImpl {
         case Normalizer::kReplace:
           cur = replace_all(cur, n.a, n.b);
           break;
-        case Normalizer::kIdentity:
+        case Normalizer::kNfc:
+          cur = utf8::nfc(cur);
           break;
       }
     }
@@ -590,11 +592,11 @@ void parse_normalizer(const json& j, const std::string& where, TokenizerImpl& t)
     auto [pat, is_regex] = pattern_of(j, where + " normalizer Replace");
     check(!is_regex, where, ": normalizer Replace with a Regex pattern is not supported");
     t.normalizers.push_back({Normalizer::kReplace, pat, field_string(j, "content", where)});
-  } else if (type == "NFC" || type == "NFKC") {
-    t.normalizers.push_back({Normalizer::kIdentity, "", ""});  // see header: applied as identity
+  } else if (type == "NFC") {
+    t.normalizers.push_back({Normalizer::kNfc, "", ""});
   } else {
     fail(where, ": field 'normalizer.type': unsupported normalizer '", type,
-         "' (supported: Sequence, Prepend, Replace, NFC, NFKC)");
+         "' (supported: Sequence, Prepend, Replace, NFC)");
   }
 }
 

@@ -13,8 +13,7 @@
 // add_eos_token in tokenizer_config.json replace it by "[bos] $A [eos]" (transformers 5 behaviour).
 // For tokenizer.model, add_bos_token defaults to true and add_eos_token to false (LlamaTokenizer).
 //
-// Known limits: normalizers NFC/NFKC are accepted but applied as identity (input that is already
-// NFC — nearly all text — is unaffected); added tokens are matched on the raw text regardless of
+// Known limits: added tokens are matched on the raw text regardless of
 // their `normalized` flag; `single_word` is ignored.
 #pragma once
 
