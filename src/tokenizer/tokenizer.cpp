@@ -229,6 +229,7 @@ struct TokenizerImpl {
   std::optional<int32_t> bos;
   std::vector<int32_t> eos;
   bool chat_template = false;
+  std::string chat_template_text;
 
   void index_added() {
     for (auto& v : added_by_first_byte) v.clear();
@@ -927,6 +928,17 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const fs::path& model_dir) {
       impl->eos.push_back(it->second);
   }
   impl->chat_template = config.contains("chat_template") && !config["chat_template"].is_null();
+  if (impl->chat_template) {
+    const json& ct = config["chat_template"];
+    if (ct.is_string()) {
+      impl->chat_template_text = ct.get<std::string>();
+    } else if (ct.is_array()) {  // [{"name": "default", "template": "..."}, ...]
+      for (const auto& e : ct)
+        if (e.is_object() && e.value("name", std::string()) == "default" &&
+            e.contains("template") && e["template"].is_string())
+          impl->chat_template_text = e["template"].get<std::string>();
+    }
+  }
   return std::unique_ptr<Tokenizer>(new Tokenizer(std::move(impl)));
 }
 
@@ -985,6 +997,9 @@ bool Tokenizer::is_special(int32_t id) const {
 
 bool Tokenizer::has_chat_template() const {
   return impl_->chat_template;
+}
+const std::string& Tokenizer::chat_template_text() const {
+  return impl_->chat_template_text;
 }
 const std::string& Tokenizer::source_file() const {
   return impl_->source;

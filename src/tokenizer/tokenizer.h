@@ -61,6 +61,9 @@ class Tokenizer {
   bool is_special(int32_t id) const;
   // Whether tokenizer_config.json carries a chat_template.
   bool has_chat_template() const;
+  // The Jinja chat_template text of tokenizer_config.json (the "default" one when it is a list of
+  // named templates); empty when absent. duo does not run Jinja; see chat_template.h.
+  const std::string& chat_template_text() const;
   // "tokenizer.json" or "tokenizer.model": which file was used.
   const std::string& source_file() const;
 

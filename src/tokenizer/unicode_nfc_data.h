@@ -1,4 +1,5 @@
-// Unicode tables for NFC (generated into unicode_nfc_data.cpp by tools/fixtures/gen_unicode_nfc.py).
+// Unicode tables for NFC (generated into unicode_nfc_data.cpp by
+// tools/fixtures/gen_unicode_nfc.py).
 #pragma once
 
 #include <cstddef>
