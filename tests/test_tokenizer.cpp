@@ -48,7 +48,7 @@ class FixtureTest : public ::testing::TestWithParam<std::string> {};
 TEST_P(FixtureTest, MatchesHuggingFace) {
   const std::string name = GetParam();
   const auto& tok = tokenizer(name);
-  EXPECT_EQ(tok.vocab_size(), cases()["vocab_size"].get<int32_t>());
+  EXPECT_EQ(tok.vocab_size(), cases()["vocab_sizes"][name].get<int32_t>());
   const auto& list = cases()["cases"][name];
   ASSERT_GT(list.size(), 10u);
   for (const auto& c : list) {
@@ -129,7 +129,8 @@ TEST_P(FixtureTest, RandomIdsDecodeAndStream) {
 
 INSTANTIATE_TEST_SUITE_P(Tokenizers, FixtureTest,
                          ::testing::Values("bytelevel", "bytelevel_chatml", "sentencepiece",
-                                           "sentencepiece_json", "sentencepiece_metaspace"));
+                                           "sentencepiece_json", "sentencepiece_metaspace",
+                                           "sentencepiece_added"));
 
 TEST(Tokenizer, SpecialIdsAndSources) {
   const auto& bl = tokenizer("bytelevel");

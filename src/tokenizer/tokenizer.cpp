@@ -146,7 +146,12 @@ struct AddedToken {
   bool special;
   bool lstrip;
   bool rstrip;
+  bool normalized;      // matched in the normalized text (else in the raw input)
+  std::string match{};  // what is looked for: content, or normalize(content) when normalized
 };
+
+// Added tokens by first byte, longest content first (leftmost-longest matching).
+using AddedIndex = std::array<std::vector<size_t>, 256>;
 
 struct Normalizer {
   enum Kind { kPrepend, kReplace, kNfc } kind;
@@ -213,8 +218,9 @@ struct TokenizerImpl {
   std::unordered_map<std::string, int32_t> token_to_id;
   std::vector<bool> special;
   std::vector<AddedToken> added;
-  // first byte -> indices into `added`, longest content first
-  std::array<std::vector<size_t>, 256> added_by_first_byte;
+  AddedIndex raw_index;         // added tokens with normalized == false
+  AddedIndex normalized_index;  // added tokens with normalized == true
+  bool have_normalized_added = false;
 
   std::vector<Normalizer> normalizers;
   std::vector<PreTokenizer> pre_tokenizers;
@@ -232,15 +238,24 @@ struct TokenizerImpl {
   std::string chat_template_text;
 
   void index_added() {
-    for (auto& v : added_by_first_byte) v.clear();
     for (size_t k = 0; k < added.size(); ++k) {
-      if (added[k].content.empty()) continue;
-      added_by_first_byte[static_cast<unsigned char>(added[k].content[0])].push_back(k);
+      // tokenizer.model has no normalizer: everything is matched on the raw text. Normalized
+      // tokens are looked for in their normalized form (HF: Prepend("▁") makes "<x>" match only
+      // as "▁<x>", i.e. after a space or at the start of a segment).
+      bool norm = added[k].normalized && !sp;
+      added[k].match = norm ? normalize(added[k].content) : added[k].content;
+      if (added[k].match.empty()) continue;
+      // tokenizers also decodes such a token as its normalized form ("▁<x>" -> " <x>").
+      if (norm) id_to_token[added[k].id] = added[k].match;
+      have_normalized_added |= norm;
+      (norm ? normalized_index : raw_index)[static_cast<unsigned char>(added[k].match[0])]
+          .push_back(k);
     }
-    for (auto& v : added_by_first_byte)
-      std::stable_sort(v.begin(), v.end(), [&](size_t a, size_t b) {
-        return added[a].content.size() > added[b].content.size();
-      });
+    for (AddedIndex* index : {&raw_index, &normalized_index})
+      for (auto& v : *index)
+        std::stable_sort(v.begin(), v.end(), [&](size_t a, size_t b) {
+          return added[a].match.size() > added[b].match.size();
+        });
   }
 
   void set_token(int32_t id, const std::string& tok) {
@@ -258,15 +273,15 @@ struct TokenizerImpl {
     size_t begin, end;
     int32_t id;
   };
-  std::vector<Segment> split_added(std::string_view text) const {
+  std::vector<Segment> split_added(std::string_view text, const AddedIndex& index) const {
     std::vector<Segment> out;
     size_t seg_start = 0;
     size_t i = 0;
     while (i < text.size()) {
-      const auto& cands = added_by_first_byte[static_cast<unsigned char>(text[i])];
+      const auto& cands = index[static_cast<unsigned char>(text[i])];
       const AddedToken* hit = nullptr;
       for (size_t k : cands) {
-        const auto& c = added[k].content;
+        const auto& c = added[k].match;
         if (text.compare(i, c.size(), c) == 0) {
           hit = &added[k];
           break;
@@ -287,8 +302,8 @@ struct TokenizerImpl {
         }
       }
       if (seg_end > seg_start) out.push_back({seg_start, seg_end, -1});
-      out.push_back({i, i + hit->content.size(), hit->id});
-      i += hit->content.size();
+      out.push_back({i, i + hit->match.size(), hit->id});
+      i += hit->match.size();
       if (hit->rstrip) {
         size_t len;
         while (i < text.size() && is_space_at(text, i, &len)) i += len;
@@ -454,7 +469,20 @@ struct TokenizerImpl {
     }
     std::string norm = normalize(seg);
     if (norm.empty()) return;
-    for (const auto& p : pre_tokenize(std::move(norm), offset)) bpe->encode_word(p.text, out);
+    if (!have_normalized_added) {
+      for (const auto& p : pre_tokenize(std::move(norm), offset)) bpe->encode_word(p.text, out);
+      return;
+    }
+    // Added tokens flagged `normalized` are looked for in the normalized text (as HF does).
+    for (const auto& part : split_added(norm, normalized_index)) {
+      if (part.id >= 0) {
+        out.push_back(part.id);
+        continue;
+      }
+      for (const auto& p :
+           pre_tokenize(norm.substr(part.begin, part.end - part.begin), offset + part.begin))
+        bpe->encode_word(p.text, out);
+    }
   }
 
   std::string run_decoders(std::vector<std::string> tokens) const {
@@ -807,8 +835,13 @@ void load_tokenizer_json(const fs::path& path, TokenizerImpl& t) {
     for (const auto& a : j["added_tokens"]) {
       check(a.contains("id") && a.contains("content"), where,
             ": field 'added_tokens': each entry needs 'id' and 'content'");
-      AddedToken tok{a["id"].get<int32_t>(), a["content"].get<std::string>(),
-                     a.value("special", false), a.value("lstrip", false), a.value("rstrip", false)};
+      const bool special = a.value("special", false);
+      AddedToken tok{a["id"].get<int32_t>(),
+                     a["content"].get<std::string>(),
+                     special,
+                     a.value("lstrip", false),
+                     a.value("rstrip", false),
+                     a.value("normalized", !special)};
       t.set_token(tok.id, tok.content);
       if (tok.special) t.special[tok.id] = true;
       t.added.push_back(std::move(tok));
@@ -833,7 +866,7 @@ void load_sentencepiece(const fs::path& path, const json& config, const fs::path
     if (control) t.special[id] = true;
     // HF's converted tokenizer matches control pieces literally in the text (user-defined
     // pieces are handled by sentencepiece itself).
-    if (control) t.added.push_back({id, t.id_to_token[id], control, false, false});
+    if (control) t.added.push_back({id, t.id_to_token[id], control, false, false, false});
   }
   // Decoder of HF's LlamaConverter: Replace("▁", " "), ByteFallback, Fuse, Strip(" ", 1, 0).
   t.has_decoder = true;
@@ -947,7 +980,7 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special_t
   std::vector<int32_t> out;
   out.reserve(text.size() / 3 + 4);
   if (add_special_tokens) out.insert(out.end(), t.prefix_ids.begin(), t.prefix_ids.end());
-  for (const auto& seg : t.split_added(text)) {
+  for (const auto& seg : t.split_added(text, t.raw_index)) {
     if (seg.id >= 0) {
       out.push_back(seg.id);
     } else {

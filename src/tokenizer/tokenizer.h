@@ -13,8 +13,9 @@
 // add_eos_token in tokenizer_config.json replace it by "[bos] $A [eos]" (transformers 5 behaviour).
 // For tokenizer.model, add_bos_token defaults to true and add_eos_token to false (LlamaTokenizer).
 //
-// Known limits: added tokens are matched on the raw text regardless of
-// their `normalized` flag; `single_word` is ignored.
+// Added tokens (special or not) written literally in the text are matched first, leftmost-longest,
+// on the raw text (normalized: false) or on the normalized text (normalized: true), honouring
+// lstrip / rstrip. Known limit: `single_word` is ignored.
 #pragma once
 
 #include <cstdint>
