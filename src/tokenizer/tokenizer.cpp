@@ -786,6 +786,8 @@ void load_tokenizer_json(const fs::path& path, TokenizerImpl& t) {
     type = m["type"].get<std::string>();
   } else if (m.contains("merges")) {
     type = "BPE";
+  } else {
+    fail(where, ": field 'model.type' is missing (supported: BPE)");
   }
   check(type == "BPE", where, ": field 'model.type': unsupported tokenizer model type '", type,
         "' (supported: BPE)");

@@ -16,6 +16,14 @@
 // Added tokens (special or not) written literally in the text are matched first, leftmost-longest,
 // on the raw text (normalized: false) or on the normalized text (normalized: true), honouring
 // lstrip / rstrip. Known limit: `single_word` is ignored.
+//
+// tokenizer.json components implemented (anything else is rejected with a duo::Error naming the
+// file, the field and the type): model BPE (merges as "a b" or ["a", "b"], byte_fallback, unk /
+// fuse_unk, ignore_merges; dropout ignored); normalizers Sequence, Prepend, Replace (string), NFC;
+// pre-tokenizers Sequence, Split (PCRE2 regex or string; all split behaviours, invert), ByteLevel,
+// Metaspace (prepend_scheme always / first / never, split), Digits; decoders Sequence, ByteLevel,
+// Replace, ByteFallback, Fuse, Strip, Metaspace; post-processors Sequence, ByteLevel,
+// TemplateProcessing (single), BertProcessing, RobertaProcessing.
 #pragma once
 
 #include <cstdint>
