@@ -339,3 +339,38 @@ TEST(Unicode, Nfc) {
 }
 
 }  // namespace
+
+namespace {
+
+// Split behaviours / invert, Digits, ByteLevel(use_regex), Metaspace schemes and the Metaspace
+// decoder, as patches to a fixture tokenizer.json, against `tokenizers`.
+TEST(Tokenizer, ComponentVariantsMatchTokenizers) {
+  const auto doc = duo::read_json_file(fixtures() / "variants.json");
+  const fs::path dir = fs::temp_directory_path() / "duo_tok_variant";
+  int checked = 0;
+  for (const auto& v : doc.at("variants")) {
+    auto spec = duo::read_json_file(fixtures() / v["base"].get<std::string>() / "tokenizer.json");
+    for (const auto& [k, val] : v["patch"].items()) spec[k] = val;
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+    std::ofstream(dir / "tokenizer.json") << spec.dump();
+    auto tok = duo::Tokenizer::load(dir);
+    for (const auto& c : v["cases"]) {
+      const std::string text = c["text"];
+      SCOPED_TRACE(v["patch"].dump() + " text: \"" + text + "\"");
+      auto ids = c["ids"].get<std::vector<int32_t>>();
+      EXPECT_EQ(tok->encode(text), ids);
+      EXPECT_EQ(tok->decode(ids), c["decode"].get<std::string>());
+      duo::StreamingDecoder dec(*tok, false);
+      std::string all;
+      for (int32_t id : ids) all += dec.push(id);
+      all += dec.flush();
+      EXPECT_EQ(all, c["decode"].get<std::string>());
+      ++checked;
+    }
+  }
+  fs::remove_all(dir);
+  EXPECT_EQ(checked, 40 * 25);
+}
+
+}  // namespace

@@ -392,9 +392,10 @@ struct TokenizerImpl {
       case SplitBehavior::kContiguous: {
         size_t i = 0;
         while (i < spans.size()) {
+          // tokenizers merges every run of adjacent spans with the same flag (with invert, that
+          // includes adjacent pattern matches).
           size_t j = i;
-          if (spans[i].delim)
-            while (j + 1 < spans.size() && spans[j + 1].delim) ++j;
+          while (j + 1 < spans.size() && spans[j + 1].delim == spans[i].delim) ++j;
           emit(spans[i].a, spans[j].b);
           i = j + 1;
         }
