@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -100,6 +101,30 @@ TEST(ChatTemplate, DetectFamily) {
   EXPECT_EQ(duo::detect_chat_family(fixtures() / "sentencepiece_json", "mistral"),
             ChatFamily::kMistral);
   EXPECT_EQ(duo::chat_family_name(ChatFamily::kChatML), "chatml");
+}
+
+}  // namespace
+
+namespace {
+
+TEST(ChatTemplate, DetectFromTemplateText) {
+  const fs::path dir = fs::temp_directory_path() / "duo_tok_chat_detect";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  fs::copy_file(fixtures() / "sentencepiece/tokenizer.model", dir / "tokenizer.model");
+  auto write_config = [&](const nlohmann::json& j) {
+    std::ofstream(dir / "tokenizer_config.json") << j.dump();
+  };
+  write_config({{"chat_template", "{{ bos_token }}{{ '[INST] ' + m + ' [/INST]' }}"}});
+  EXPECT_EQ(duo::detect_chat_family(dir, "llama"), ChatFamily::kMistral);
+  write_config({{"chat_template", "[INST] <<SYS>>\n..."}});
+  EXPECT_EQ(duo::detect_chat_family(dir, "llama"), ChatFamily::kLlama2);
+  write_config(
+      {{"chat_template", nlohmann::json::array({{{"name", "default"}, {"template", "[INST]"}}})}});
+  auto tok = duo::Tokenizer::load(dir);
+  EXPECT_TRUE(tok->has_chat_template());
+  EXPECT_EQ(tok->chat_template_text(), "[INST]");
+  fs::remove_all(dir);
 }
 
 }  // namespace

@@ -135,6 +135,9 @@ ChatFamily detect_chat_family(const Tokenizer& tok, std::string_view model_type)
   if (tok.token_to_id("<|im_start|>")) return ChatFamily::kChatML;
   if (model_type == "mistral" || model_type == "mixtral" || tok.token_to_id("[INST]"))
     return ChatFamily::kMistral;
+  const std::string& tmpl = tok.chat_template_text();
+  if (tmpl.find("[INST]") != std::string::npos && tmpl.find("<<SYS>>") == std::string::npos)
+    return ChatFamily::kMistral;
   return ChatFamily::kLlama2;
 }
 

@@ -36,10 +36,12 @@ ChatTokens default_chat_tokens(ChatFamily family);
 std::string_view chat_family_name(ChatFamily family);
 
 // Rule, first match wins:
-//   1. the vocabulary has <|start_header_id|>                      -> kLlama3
-//   2. the vocabulary has <|im_start|>                             -> kChatML
-//   3. model_type is "mistral"/"mixtral", or the vocab has [INST]  -> kMistral
-//   4. otherwise                                                   -> kLlama2
+//   1. the vocabulary has <|start_header_id|>                           -> kLlama3
+//   2. the vocabulary has <|im_start|>                                  -> kChatML
+//   3. model_type is "mistral"/"mixtral", or the vocab has [INST]       -> kMistral
+//   4. tokenizer_config.json's chat_template uses "[INST]" without
+//      "<<SYS>>" (a Mistral-style template on a llama-type checkpoint)  -> kMistral
+//   5. otherwise                                                        -> kLlama2
 ChatFamily detect_chat_family(const Tokenizer& tokenizer, std::string_view model_type);
 // Loads the tokenizer of model_dir and applies the rule above.
 ChatFamily detect_chat_family(const std::filesystem::path& model_dir, std::string_view model_type);

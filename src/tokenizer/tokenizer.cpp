@@ -14,6 +14,7 @@
 #include "core/error.h"
 #include "core/file_util.h"
 #include "tokenizer/bpe.h"
+#include "tokenizer/unicode_nfc.h"
 #include "tokenizer/utf8.h"
 
 namespace duo {
@@ -145,10 +146,15 @@ struct AddedToken {
   bool special;
   bool lstrip;
   bool rstrip;
+  bool normalized;      // matched in the normalized text (else in the raw input)
+  std::string match{};  // what is looked for: content, or normalize(content) when normalized
 };
 
+// Added tokens by first byte, longest content first (leftmost-longest matching).
+using AddedIndex = std::array<std::vector<size_t>, 256>;
+
 struct Normalizer {
-  enum Kind { kPrepend, kReplace, kIdentity } kind;
+  enum Kind { kPrepend, kReplace, kNfc } kind;
   std::string a, b;
 };
 
@@ -212,13 +218,15 @@ struct TokenizerImpl {
   std::unordered_map<std::string, int32_t> token_to_id;
   std::vector<bool> special;
   std::vector<AddedToken> added;
-  // first byte -> indices into `added`, longest content first
-  std::array<std::vector<size_t>, 256> added_by_first_byte;
+  AddedIndex raw_index;         // added tokens with normalized == false
+  AddedIndex normalized_index;  // added tokens with normalized == true
+  bool have_normalized_added = false;
 
   std::vector<Normalizer> normalizers;
   std::vector<PreTokenizer> pre_tokenizers;
   std::vector<Decoder> decoders;
   bool has_decoder = false;
+  bool byte_fallback_decoder = false;           // decoders include ByteFallback
   std::vector<int32_t> prefix_ids, suffix_ids;  // added by the post-processor / add_bos_token
 
   std::unique_ptr<BpeModel> bpe;
@@ -227,17 +235,27 @@ struct TokenizerImpl {
   std::optional<int32_t> bos;
   std::vector<int32_t> eos;
   bool chat_template = false;
+  std::string chat_template_text;
 
   void index_added() {
-    for (auto& v : added_by_first_byte) v.clear();
     for (size_t k = 0; k < added.size(); ++k) {
-      if (added[k].content.empty()) continue;
-      added_by_first_byte[static_cast<unsigned char>(added[k].content[0])].push_back(k);
+      // tokenizer.model has no normalizer: everything is matched on the raw text. Normalized
+      // tokens are looked for in their normalized form (HF: Prepend("▁") makes "<x>" match only
+      // as "▁<x>", i.e. after a space or at the start of a segment).
+      bool norm = added[k].normalized && !sp;
+      added[k].match = norm ? normalize(added[k].content) : added[k].content;
+      if (added[k].match.empty()) continue;
+      // tokenizers also decodes such a token as its normalized form ("▁<x>" -> " <x>").
+      if (norm) id_to_token[added[k].id] = added[k].match;
+      have_normalized_added |= norm;
+      (norm ? normalized_index : raw_index)[static_cast<unsigned char>(added[k].match[0])]
+          .push_back(k);
     }
-    for (auto& v : added_by_first_byte)
-      std::stable_sort(v.begin(), v.end(), [&](size_t a, size_t b) {
-        return added[a].content.size() > added[b].content.size();
-      });
+    for (AddedIndex* index : {&raw_index, &normalized_index})
+      for (auto& v : *index)
+        std::stable_sort(v.begin(), v.end(), [&](size_t a, size_t b) {
+          return added[a].match.size() > added[b].match.size();
+        });
   }
 
   void set_token(int32_t id, const std::string& tok) {
@@ -255,15 +273,15 @@ struct TokenizerImpl {
     size_t begin, end;
     int32_t id;
   };
-  std::vector<Segment> split_added(std::string_view text) const {
+  std::vector<Segment> split_added(std::string_view text, const AddedIndex& index) const {
     std::vector<Segment> out;
     size_t seg_start = 0;
     size_t i = 0;
     while (i < text.size()) {
-      const auto& cands = added_by_first_byte[static_cast<unsigned char>(text[i])];
+      const auto& cands = index[static_cast<unsigned char>(text[i])];
       const AddedToken* hit = nullptr;
       for (size_t k : cands) {
-        const auto& c = added[k].content;
+        const auto& c = added[k].match;
         if (text.compare(i, c.size(), c) == 0) {
           hit = &added[k];
           break;
@@ -284,8 +302,8 @@ struct TokenizerImpl {
         }
       }
       if (seg_end > seg_start) out.push_back({seg_start, seg_end, -1});
-      out.push_back({i, i + hit->content.size(), hit->id});
-      i += hit->content.size();
+      out.push_back({i, i + hit->match.size(), hit->id});
+      i += hit->match.size();
       if (hit->rstrip) {
         size_t len;
         while (i < text.size() && is_space_at(text, i, &len)) i += len;
@@ -306,7 +324,8 @@ struct TokenizerImpl {
         case Normalizer::kReplace:
           cur = replace_all(cur, n.a, n.b);
           break;
-        case Normalizer::kIdentity:
+        case Normalizer::kNfc:
+          cur = utf8::nfc(cur);
           break;
       }
     }
@@ -373,9 +392,10 @@ struct TokenizerImpl {
       case SplitBehavior::kContiguous: {
         size_t i = 0;
         while (i < spans.size()) {
+          // tokenizers merges every run of adjacent spans with the same flag (with invert, that
+          // includes adjacent pattern matches).
           size_t j = i;
-          if (spans[i].delim)
-            while (j + 1 < spans.size() && spans[j + 1].delim) ++j;
+          while (j + 1 < spans.size() && spans[j + 1].delim == spans[i].delim) ++j;
           emit(spans[i].a, spans[j].b);
           i = j + 1;
         }
@@ -450,7 +470,20 @@ struct TokenizerImpl {
     }
     std::string norm = normalize(seg);
     if (norm.empty()) return;
-    for (const auto& p : pre_tokenize(std::move(norm), offset)) bpe->encode_word(p.text, out);
+    if (!have_normalized_added) {
+      for (const auto& p : pre_tokenize(std::move(norm), offset)) bpe->encode_word(p.text, out);
+      return;
+    }
+    // Added tokens flagged `normalized` are looked for in the normalized text (as HF does).
+    for (const auto& part : split_added(norm, normalized_index)) {
+      if (part.id >= 0) {
+        out.push_back(part.id);
+        continue;
+      }
+      for (const auto& p :
+           pre_tokenize(norm.substr(part.begin, part.end - part.begin), offset + part.begin))
+        bpe->encode_word(p.text, out);
+    }
   }
 
   std::string run_decoders(std::vector<std::string> tokens) const {
@@ -589,11 +622,11 @@ void parse_normalizer(const json& j, const std::string& where, TokenizerImpl& t)
     auto [pat, is_regex] = pattern_of(j, where + " normalizer Replace");
     check(!is_regex, where, ": normalizer Replace with a Regex pattern is not supported");
     t.normalizers.push_back({Normalizer::kReplace, pat, field_string(j, "content", where)});
-  } else if (type == "NFC" || type == "NFKC") {
-    t.normalizers.push_back({Normalizer::kIdentity, "", ""});  // see header: applied as identity
+  } else if (type == "NFC") {
+    t.normalizers.push_back({Normalizer::kNfc, "", ""});
   } else {
     fail(where, ": field 'normalizer.type': unsupported normalizer '", type,
-         "' (supported: Sequence, Prepend, Replace, NFC, NFKC)");
+         "' (supported: Sequence, Prepend, Replace, NFC)");
   }
 }
 
@@ -680,6 +713,7 @@ void parse_decoder(const json& j, const std::string& where, TokenizerImpl& t) {
     t.decoders.push_back(d);
   } else if (type == "ByteFallback") {
     t.decoders.push_back(Decoder(Decoder::kByteFallback));
+    t.byte_fallback_decoder = true;
   } else if (type == "Fuse") {
     t.decoders.push_back(Decoder(Decoder::kFuse));
   } else if (type == "Strip") {
@@ -753,6 +787,8 @@ void load_tokenizer_json(const fs::path& path, TokenizerImpl& t) {
     type = m["type"].get<std::string>();
   } else if (m.contains("merges")) {
     type = "BPE";
+  } else {
+    fail(where, ": field 'model.type' is missing (supported: BPE)");
   }
   check(type == "BPE", where, ": field 'model.type': unsupported tokenizer model type '", type,
         "' (supported: BPE)");
@@ -802,8 +838,13 @@ void load_tokenizer_json(const fs::path& path, TokenizerImpl& t) {
     for (const auto& a : j["added_tokens"]) {
       check(a.contains("id") && a.contains("content"), where,
             ": field 'added_tokens': each entry needs 'id' and 'content'");
-      AddedToken tok{a["id"].get<int32_t>(), a["content"].get<std::string>(),
-                     a.value("special", false), a.value("lstrip", false), a.value("rstrip", false)};
+      const bool special = a.value("special", false);
+      AddedToken tok{a["id"].get<int32_t>(),
+                     a["content"].get<std::string>(),
+                     special,
+                     a.value("lstrip", false),
+                     a.value("rstrip", false),
+                     a.value("normalized", !special)};
       t.set_token(tok.id, tok.content);
       if (tok.special) t.special[tok.id] = true;
       t.added.push_back(std::move(tok));
@@ -828,7 +869,7 @@ void load_sentencepiece(const fs::path& path, const json& config, const fs::path
     if (control) t.special[id] = true;
     // HF's converted tokenizer matches control pieces literally in the text (user-defined
     // pieces are handled by sentencepiece itself).
-    if (control) t.added.push_back({id, t.id_to_token[id], control, false, false});
+    if (control) t.added.push_back({id, t.id_to_token[id], control, false, false, false});
   }
   // Decoder of HF's LlamaConverter: Replace("▁", " "), ByteFallback, Fuse, Strip(" ", 1, 0).
   t.has_decoder = true;
@@ -837,6 +878,7 @@ void load_sentencepiece(const fs::path& path, const json& config, const fs::path
   rep.content = " ";
   t.decoders.push_back(rep);
   t.decoders.push_back(Decoder(Decoder::kByteFallback));
+  t.byte_fallback_decoder = true;
   t.decoders.push_back(Decoder(Decoder::kFuse));
   Decoder strip(Decoder::kStrip);
   strip.content = " ";
@@ -922,6 +964,17 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const fs::path& model_dir) {
       impl->eos.push_back(it->second);
   }
   impl->chat_template = config.contains("chat_template") && !config["chat_template"].is_null();
+  if (impl->chat_template) {
+    const json& ct = config["chat_template"];
+    if (ct.is_string()) {
+      impl->chat_template_text = ct.get<std::string>();
+    } else if (ct.is_array()) {  // [{"name": "default", "template": "..."}, ...]
+      for (const auto& e : ct)
+        if (e.is_object() && e.value("name", std::string()) == "default" &&
+            e.contains("template") && e["template"].is_string())
+          impl->chat_template_text = e["template"].get<std::string>();
+    }
+  }
   return std::unique_ptr<Tokenizer>(new Tokenizer(std::move(impl)));
 }
 
@@ -930,7 +983,7 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special_t
   std::vector<int32_t> out;
   out.reserve(text.size() / 3 + 4);
   if (add_special_tokens) out.insert(out.end(), t.prefix_ids.begin(), t.prefix_ids.end());
-  for (const auto& seg : t.split_added(text)) {
+  for (const auto& seg : t.split_added(text, t.raw_index)) {
     if (seg.id >= 0) {
       out.push_back(seg.id);
     } else {
@@ -981,6 +1034,9 @@ bool Tokenizer::is_special(int32_t id) const {
 bool Tokenizer::has_chat_template() const {
   return impl_->chat_template;
 }
+const std::string& Tokenizer::chat_template_text() const {
+  return impl_->chat_template_text;
+}
 const std::string& Tokenizer::source_file() const {
   return impl_->source;
 }
@@ -993,6 +1049,12 @@ std::string Tokenizer::token_bytes(int32_t id, bool skip_special_tokens) const {
 
 int Tokenizer::leading_strip() const {
   return impl_->strip_count();
+}
+
+int Tokenizer::fallback_byte(int32_t id) const {
+  impl_->check_id(id);
+  if (!impl_->byte_fallback_decoder) return -1;
+  return parse_byte_token(impl_->id_to_token[id]);
 }
 
 }  // namespace duo

@@ -13,9 +13,17 @@
 // add_eos_token in tokenizer_config.json replace it by "[bos] $A [eos]" (transformers 5 behaviour).
 // For tokenizer.model, add_bos_token defaults to true and add_eos_token to false (LlamaTokenizer).
 //
-// Known limits: normalizers NFC/NFKC are accepted but applied as identity (input that is already
-// NFC — nearly all text — is unaffected); added tokens are matched on the raw text regardless of
-// their `normalized` flag; `single_word` is ignored.
+// Added tokens (special or not) written literally in the text are matched first, leftmost-longest,
+// on the raw text (normalized: false) or on the normalized text (normalized: true), honouring
+// lstrip / rstrip. Known limit: `single_word` is ignored.
+//
+// tokenizer.json components implemented (anything else is rejected with a duo::Error naming the
+// file, the field and the type): model BPE (merges as "a b" or ["a", "b"], byte_fallback, unk /
+// fuse_unk, ignore_merges; dropout ignored); normalizers Sequence, Prepend, Replace (string), NFC;
+// pre-tokenizers Sequence, Split (PCRE2 regex or string; all split behaviours, invert), ByteLevel,
+// Metaspace (prepend_scheme always / first / never, split), Digits; decoders Sequence, ByteLevel,
+// Replace, ByteFallback, Fuse, Strip, Metaspace; post-processors Sequence, ByteLevel,
+// TemplateProcessing (single), BertProcessing, RobertaProcessing.
 #pragma once
 
 #include <cstdint>
@@ -62,6 +70,9 @@ class Tokenizer {
   bool is_special(int32_t id) const;
   // Whether tokenizer_config.json carries a chat_template.
   bool has_chat_template() const;
+  // The Jinja chat_template text of tokenizer_config.json (the "default" one when it is a list of
+  // named templates); empty when absent. duo does not run Jinja; see chat_template.h.
+  const std::string& chat_template_text() const;
   // "tokenizer.json" or "tokenizer.model": which file was used.
   const std::string& source_file() const;
 
@@ -71,6 +82,8 @@ class Tokenizer {
   std::string token_bytes(int32_t id, bool skip_special_tokens) const;
   // How many leading spaces decode() strips from the start of the text (SentencePiece family: 1).
   int leading_strip() const;
+  // For a byte-fallback token (<0xAB> with a ByteFallback decoder) its byte, else -1.
+  int fallback_byte(int32_t id) const;
 
  private:
   explicit Tokenizer(std::unique_ptr<TokenizerImpl> impl);

@@ -89,7 +89,7 @@ size_t incomplete_tail(std::string_view s) {
       continue;
     }
     if (got > 0 && i + got == s.size() && need > got) return s.size() - i;
-    return 0;
+    i += (got > 0 ? got : 1) - 1;  // invalid: lossy() replaces it; keep scanning after it
   }
   return 0;
 }
