@@ -11,6 +11,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   duo::cli::add_info_command(app);
   duo::cli::add_run_command(app);
+  duo::cli::add_niah_command(app);
   duo::cli::add_pattern_command(app);
   try {
     app.parse(argc, argv);

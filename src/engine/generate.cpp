@@ -40,7 +40,7 @@ GenerateResult generate(Model& model, KVCache& cache, std::span<const int32_t> p
       r.stopped = true;
       break;
     }
-    if (i + 1 == opt.max_new_tokens) break;
+    if (i + 1 == opt.max_new_tokens || (cb.stop && cb.stop())) break;
     logits = model.forward(std::span<const int32_t>(&next, 1), cache, 1);
   }
   r.decode_seconds = std::chrono::duration<double>(clock::now() - t1).count();

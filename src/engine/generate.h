@@ -29,6 +29,7 @@ struct GenerateResult {
 struct GenerateCallbacks {
   std::function<void(int64_t done, int64_t total)> on_prefill;  // after each prefill chunk
   std::function<void(int32_t token)> on_token;                  // each generated token
+  std::function<bool()> stop;                                   // checked after each token
 };
 
 // Runs prompt (non-empty) through the model on a cache that must be empty and large enough for

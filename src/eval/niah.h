@@ -1,0 +1,48 @@
+// Needle-in-a-haystack: prompt construction at token depths and answer scoring. The prompt format
+// is the one the demo models were trained on (docs/demo_models.md):
+//   [BOS] haystack[:d] "\n" needle "\n" haystack[d:] "\n\nQuestion: " question "\nAnswer:"
+// where d is a token index and each piece is tokenized on its own.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "tokenizer/tokenizer.h"
+
+namespace duo {
+
+struct Needle {
+  std::string needle;
+  std::string question;
+  std::string answer;
+};
+
+// The classic sentence needle of the DuoAttention / LongBench NIAH evaluation.
+Needle classic_sentence_needle();
+// A numeric passkey needle; the number is drawn from `seed`.
+Needle passkey_needle(uint64_t seed);
+
+// Haystack token ids: the .txt files of `dir` (sorted by name) concatenated, or, when dir is
+// empty, the classic repeated filler ("The grass is green. ..."). Repeated until `min_tokens`.
+std::vector<int32_t> haystack_tokens(const Tokenizer& tok, const std::filesystem::path& dir, int64_t min_tokens);
+
+struct NiahPrompt {
+  std::vector<int32_t> ids;
+  int64_t needle_position = 0;  // token index where the needle starts
+};
+
+// A prompt of exactly `length` tokens with the needle at `depth_percent` (0..100) of the haystack.
+// Throws Error when length is too short to hold BOS, needle and question.
+NiahPrompt build_niah_prompt(const Tokenizer& tok, const std::vector<int32_t>& haystack, const Needle& n,
+                             int64_t length, double depth_percent);
+
+struct NiahScore {
+  bool exact = false;  // first generated line == answer (trimmed)
+  double words = 0;    // share of the answer's words found in the first generated line
+};
+
+NiahScore score_answer(const std::string& generated, const std::string& answer);
+
+}  // namespace duo
