@@ -9,6 +9,7 @@ namespace duo::cli {
 void add_info_command(CLI::App& app);
 void add_run_command(CLI::App& app);
 void add_niah_command(CLI::App& app);
+void add_identify_command(CLI::App& app);
 void add_pattern_command(CLI::App& app);
 
 }  // namespace duo::cli

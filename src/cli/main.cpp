@@ -12,6 +12,7 @@ int main(int argc, char** argv) {
   duo::cli::add_info_command(app);
   duo::cli::add_run_command(app);
   duo::cli::add_niah_command(app);
+  duo::cli::add_identify_command(app);
   duo::cli::add_pattern_command(app);
   try {
     app.parse(argc, argv);

@@ -55,6 +55,17 @@ class KVCache {
   virtual void clear() = 0;
 };
 
+// Attention statistics for heuristic head identification: while set, attention() adds, for every
+// query at position >= query_begin, the probability mass each query head puts on keys outside a
+// streaming window (sink <= j <= t - recent), per (layer, physical KV head).
+struct LongRangeProbe {
+  int64_t query_begin = 0;
+  int64_t sink = 0;
+  int64_t recent = 0;
+  std::vector<double> mass;    // [layers * kv_heads], sums of probabilities
+  std::vector<double> weight;  // [layers * kv_heads], number of (query, query head) pairs summed
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -91,6 +102,9 @@ class Backend {
                          const Tensor& v, int64_t num_heads, Tensor& out) = 0;
   // Marks n tokens appended to every layer (called once after the last layer).
   virtual void advance(KVCache& cache, int64_t n) = 0;
+  // Starts (probe != nullptr) or stops collecting LongRangeProbe statistics; the probe's vectors
+  // must be sized layers * kv_heads. Backends without it throw Error.
+  virtual void set_long_range_probe(LongRangeProbe* probe);
 };
 
 enum class CpuMode { kReference, kFast };

@@ -228,6 +228,7 @@ class CpuBackend final : public Backend {
     check(p0 + n <= s.capacity, "context length exceeded: ", p0 + n, " tokens, but the cache holds ",
           s.capacity, " (raise -c)");
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    probe_slot_ = layer * hkv;
     for (int64_t g = 0; g < hkv; ++g) {
       const bool retrieval = g < lc.num_retrieval;
       KeySource src{fp(k) + g * d, fp(v) + g * d, k.cols, nullptr, nullptr, p0, retrieval,
@@ -240,6 +241,7 @@ class CpuBackend final : public Backend {
         src.store_k = lc.sk.data() + sg * cache.streaming_slots() * d;
         src.store_v = lc.sv.data() + sg * cache.streaming_slots() * d;
       }
+      probe_slot_ = layer * hkv + g;
       for (int64_t h = g * group; h < (g + 1) * group; ++h) {
         if (mode_ == CpuMode::kReference) {
           attend_reference(s, src, q, h, p0, n, scale, out);
@@ -252,6 +254,7 @@ class CpuBackend final : public Backend {
   }
 
   void advance(KVCache& cache, int64_t n) override { static_cast<CpuKVCache&>(cache).advance(n); }
+  void set_long_range_probe(LongRangeProbe* probe) override { probe_ = probe; }
 
  private:
   // One query, one key at a time: scores over exactly the visible keys, then softmax and sum.
@@ -279,6 +282,10 @@ class CpuBackend final : public Backend {
       for (float& x : scores) {
         x = std::exp(x - mx);
         sum += x;
+      }
+      if (probe_ != nullptr && t >= probe_->query_begin) {
+        for (size_t e = 0; e < keys.size(); ++e) record(t, keys[e], scores[e] / sum);
+        probe_->weight[probe_slot_] += 1;
       }
       float* o = fp(out) + i * out.cols + h * d;
       std::fill(o, o + d, 0.0f);
@@ -332,6 +339,10 @@ class CpuBackend final : public Backend {
           sum += row[e];
         }
         for (int64_t e = 0; e < nk; ++e) row[e] /= sum;
+        if (probe_ != nullptr && t >= probe_->query_begin) {
+          for (int64_t e = 0; e < nk; ++e) record(t, positions_[e], row[e]);
+          probe_->weight[probe_slot_] += 1;
+        }
       }
       float* ob = fp(out) + b0 * out.cols + h * d;
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(nb), static_cast<int>(d),
@@ -362,7 +373,13 @@ class CpuBackend final : public Backend {
     }
   }
 
+  void record(int64_t t, int64_t j, double p) {
+    if (j >= probe_->sink && j <= t - probe_->recent) probe_->mass[probe_slot_] += p;
+  }
+
   CpuMode mode_;
+  LongRangeProbe* probe_ = nullptr;
+  int64_t probe_slot_ = 0;
   std::vector<std::vector<float>> buffers_;
   std::vector<std::pair<int64_t, int64_t>> ranges_;
   std::vector<int64_t> positions_;
@@ -370,6 +387,10 @@ class CpuBackend final : public Backend {
 };
 
 }  // namespace
+
+void Backend::set_long_range_probe(LongRangeProbe*) {
+  fail("backend ", name(), " does not collect attention statistics (use --backend cpu)");
+}
 
 std::unique_ptr<Backend> make_cpu_backend(CpuMode mode) { return std::make_unique<CpuBackend>(mode); }
 

@@ -31,7 +31,7 @@ std::vector<int32_t> haystack_tokens(const Tokenizer& tok, const std::filesystem
     std::error_code ec;
     check(std::filesystem::is_directory(dir, ec), dir.string(), ": haystack directory not found");
     std::vector<std::filesystem::path> files;
-    for (const auto& e : std::filesystem::directory_iterator(dir))
+    for (const auto& e : std::filesystem::recursive_directory_iterator(dir))
       if (e.is_regular_file() && e.path().extension() == ".txt") files.push_back(e.path());
     std::sort(files.begin(), files.end());
     check(!files.empty(), dir.string(), ": no .txt files to use as haystack");

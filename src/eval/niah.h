@@ -24,7 +24,7 @@ Needle classic_sentence_needle();
 // A numeric passkey needle; the number is drawn from `seed`.
 Needle passkey_needle(uint64_t seed);
 
-// Haystack token ids: the .txt files of `dir` (sorted by name) concatenated, or, when dir is
+// Haystack token ids: the .txt files under `dir` (recursively, sorted by path) concatenated, or, when dir is
 // empty, the classic repeated filler ("The grass is green. ..."). Repeated until `min_tokens`.
 std::vector<int32_t> haystack_tokens(const Tokenizer& tok, const std::filesystem::path& dir, int64_t min_tokens);
 

@@ -1,0 +1,131 @@
+// `duo identify`: find retrieval heads and write a pattern in the published format.
+//   --method heuristic: one full-attention forward pass per synthetic multi-passkey sample; a KV
+//   head's score is the attention mass its query heads put, from the question-and-answer block,
+//   on keys outside the streaming window (sink <= j <= t - recent), normalised to [0, 1].
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+
+#include <nlohmann/json.hpp>
+
+#include "cli/backend_choice.h"
+#include "cli/cli_util.h"
+#include "cli/commands.h"
+#include "core/error.h"
+#include "duo/head_pattern.h"
+#include "engine/model.h"
+#include "eval/multi_passkey.h"
+#include "eval/niah.h"
+
+namespace duo::cli {
+
+namespace {
+
+struct IdentifyArgs {
+  std::string model_dir;
+  std::string corpus;
+  std::string out_dir;
+  std::string method = "gate";
+  int64_t samples = 8;
+  int64_t ctx_min = 1000;
+  int64_t ctx_max = 32000;
+  int64_t sink = 128;
+  int64_t recent = 256;
+  int64_t passkeys = 10;
+  uint64_t seed = 42;
+  int64_t chunk = 4096;
+  std::string backend = "cpu";
+};
+
+void identify_heuristic(const IdentifyArgs& a) {
+  const ModelConfig cfg = ModelConfig::load(a.model_dir);
+  check(a.samples >= 1, "--samples must be >= 1");
+  check(a.ctx_min > 0 && a.ctx_max >= a.ctx_min, "--ctx-min/--ctx-max: need 0 < min <= max, got ", a.ctx_min,
+        " and ", a.ctx_max);
+  check(a.sink >= 0 && a.recent >= 0, "--sink and --recent must be >= 0");
+  check(a.chunk > 0, "--chunk must be positive");
+  check(!a.corpus.empty(), "--corpus DIR is required (a directory of .txt files)");
+  check(!a.out_dir.empty(), "-o PATTERN_DIR is required");
+  auto tok = Tokenizer::load(a.model_dir);
+  const std::vector<int32_t> hay = haystack_tokens(*tok, a.corpus, a.ctx_max + 1);
+  auto backend = make_backend(a.backend);
+  const HeadLayout layout = HeadLayout::all_retrieval(cfg);  // identity order: physical == original
+  Model model(a.model_dir, *backend, layout);
+  const int64_t heads = cfg.num_layers * cfg.num_kv_heads;
+  LongRangeProbe probe;
+  probe.sink = a.sink;
+  probe.recent = a.recent;
+  probe.mass.assign(static_cast<size_t>(heads), 0.0);
+  probe.weight.assign(static_cast<size_t>(heads), 0.0);
+  std::vector<double> score(static_cast<size_t>(heads), 0.0);
+  std::mt19937_64 rng(a.seed);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t s = 0; s < a.samples; ++s) {
+    PasskeyOptions po;
+    po.num_passkeys = a.passkeys;
+    po.haystack_tokens =
+        a.samples == 1 ? a.ctx_max : a.ctx_min + (a.ctx_max - a.ctx_min) * s / (a.samples - 1);
+    PasskeySample sample = make_multi_passkey_sample(*tok, hay, po, rng);
+    const int64_t n = static_cast<int64_t>(sample.ids.size());
+    auto cache = model.make_cache(n, 0, 0, StreamingPrefill::kExact);
+    std::fill(probe.mass.begin(), probe.mass.end(), 0.0);
+    std::fill(probe.weight.begin(), probe.weight.end(), 0.0);
+    probe.query_begin = sample.label_begin;
+    backend->set_long_range_probe(&probe);
+    for (int64_t p = 0; p < n; p += a.chunk) {
+      const int64_t len = std::min(a.chunk, n - p);
+      model.forward(std::span<const int32_t>(sample.ids.data() + p, static_cast<size_t>(len)), *cache, 0);
+    }
+    backend->set_long_range_probe(nullptr);
+    for (int64_t h = 0; h < heads; ++h)
+      score[h] += probe.weight[h] > 0 ? probe.mass[h] / probe.weight[h] / static_cast<double>(a.samples) : 0.0;
+    const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::fprintf(stderr, "identify (heuristic): sample %lld/%lld, %lld tokens, %.1f s elapsed\n",
+                 static_cast<long long>(s + 1), static_cast<long long>(a.samples), static_cast<long long>(n), el);
+  }
+  const double top = *std::max_element(score.begin(), score.end());
+  HeadPattern pat;
+  pat.num_layers = cfg.num_layers;
+  pat.num_kv_heads = cfg.num_kv_heads;
+  pat.gates.resize(static_cast<size_t>(heads));
+  for (int64_t h = 0; h < heads; ++h) pat.gates[h] = top > 0 ? score[h] / top : 0.0;
+  pat.sink_size = a.sink;
+  pat.recent_size = a.recent;
+  pat.config = {{"method", "heuristic"}, {"model_name", a.model_dir}, {"dataset_name", a.corpus},
+                {"dataset_format", "multiple_passkey"}, {"num_passkeys", a.passkeys}, {"samples", a.samples},
+                {"context_length_min", a.ctx_min}, {"context_length_max", a.ctx_max}, {"sink_size", a.sink},
+                {"recent_size", a.recent}, {"seed", a.seed},
+                {"score", "mean attention mass from the QA block on keys outside sink + recent, / max"}};
+  write_head_pattern(pat, a.out_dir);
+  std::printf("wrote %s/full_attention_heads.tsv (%lld layers x %lld KV heads, heuristic scores)\n",
+              a.out_dir.c_str(), static_cast<long long>(cfg.num_layers), static_cast<long long>(cfg.num_kv_heads));
+}
+
+}  // namespace
+
+void add_identify_command(CLI::App& app) {
+  auto a = std::make_shared<IdentifyArgs>();
+  CLI::App* cmd = app.add_subcommand("identify", "Find retrieval heads; write a head pattern");
+  cmd->add_option("-m,--model", a->model_dir, "Hugging Face model directory")->required();
+  cmd->add_option("--corpus", a->corpus, "Directory of .txt files for the synthetic passkey data");
+  cmd->add_option("-o,--output", a->out_dir, "Pattern directory to write");
+  cmd->add_option("--method", a->method, "gate (the paper's optimisation) or heuristic (one pass, no training)")
+      ->check(CLI::IsMember({"gate", "heuristic"}));
+  cmd->add_option("--samples", a->samples, "Heuristic: number of passkey samples (default 8)");
+  cmd->add_option("--ctx-min", a->ctx_min, "Shortest haystack in tokens (default 1000)");
+  cmd->add_option("--ctx-max", a->ctx_max, "Longest haystack in tokens (default 32000)");
+  cmd->add_option("--sink", a->sink, "Sink tokens S of the streaming window (default 128)");
+  cmd->add_option("--recent", a->recent, "Recent tokens R of the streaming window (default 256)");
+  cmd->add_option("--passkeys", a->passkeys, "Passkeys per sample (default 10)");
+  cmd->add_option("--seed", a->seed, "Random seed (default 42)");
+  cmd->add_option("--chunk", a->chunk, "Prefill chunk size");
+  add_backend_option(cmd, a->backend);
+  cmd->callback([a] {
+    check(a->method == "heuristic",
+          "--method gate (the gate optimisation of duoattention.md section 4) is not implemented yet; "
+          "use --method heuristic");
+    identify_heuristic(*a);
+  });
+}
+
+}  // namespace duo::cli

@@ -1,0 +1,65 @@
+#include "eval/multi_passkey.h"
+
+#include <algorithm>
+
+#include "core/error.h"
+
+namespace duo {
+
+namespace {
+
+const char* kNato[] = {"alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
+                       "juliet", "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo",
+                       "sierra", "tango", "uniform", "victor", "whiskey", "xray", "yankee", "zulu"};
+const char* kOrdinals[] = {"first", "second", "third", "fourth", "fifth",
+                           "sixth", "seventh", "eighth", "ninth", "tenth"};
+
+}  // namespace
+
+PasskeySample make_multi_passkey_sample(const Tokenizer& tok, const std::vector<int32_t>& haystack,
+                                        const PasskeyOptions& opt, std::mt19937_64& rng) {
+  check(opt.num_passkeys >= 1 && opt.num_passkeys <= 10, "passkeys: 1..10 per sample, got ", opt.num_passkeys);
+  check(opt.haystack_tokens > 0, "passkeys: haystack length must be positive");
+  check(static_cast<int64_t>(haystack.size()) >= opt.haystack_tokens, "passkeys: haystack holds ",
+        haystack.size(), " tokens, need ", opt.haystack_tokens);
+  const int64_t start = static_cast<int64_t>(rng() % static_cast<uint64_t>(haystack.size() - opt.haystack_tokens + 1));
+  const int64_t n = opt.haystack_tokens;
+  PasskeySample s;
+  std::vector<int64_t> depths;
+  std::uniform_real_distribution<double> u(opt.min_depth, opt.max_depth);
+  while (static_cast<int64_t>(depths.size()) < opt.num_passkeys) {
+    int64_t d = static_cast<int64_t>(u(rng) * static_cast<double>(n));
+    if (std::find(depths.begin(), depths.end(), d) == depths.end()) depths.push_back(d);
+  }
+  std::sort(depths.begin(), depths.end());
+  s.ids = tok.encode("", true);  // BOS when the tokenizer adds one
+  int64_t cursor = 0;
+  for (int64_t k = 0; k < opt.num_passkeys; ++k) {
+    std::string key;
+    for (int64_t w = 0; w < opt.words_per_passkey; ++w) {
+      if (w > 0) key += ' ';
+      key += kNato[rng() % 26];
+    }
+    s.passkeys.push_back(key);
+    s.ids.insert(s.ids.end(), haystack.begin() + start + cursor, haystack.begin() + start + depths[k]);
+    cursor = depths[k];
+    s.needle_positions.push_back(static_cast<int64_t>(s.ids.size()));
+    auto needle = tok.encode(std::string("\n\nRemember this sequence of words, it's the ") + kOrdinals[k] +
+                                 " passkey to the vault: " + key + "\n\n",
+                             false);
+    s.ids.insert(s.ids.end(), needle.begin(), needle.end());
+  }
+  s.ids.insert(s.ids.end(), haystack.begin() + start + cursor, haystack.begin() + start + n);
+  auto close = tok.encode("\n\nThe book ends here.\n\n", false);
+  s.ids.insert(s.ids.end(), close.begin(), close.end());
+  s.label_begin = static_cast<int64_t>(s.ids.size());
+  for (int64_t k = 0; k < opt.num_passkeys; ++k) {
+    auto qa = tok.encode(std::string("Based on the content of the book, what is the ") + kOrdinals[k] +
+                             " passkey to the vault?\nPasskey: " + s.passkeys[k] + "\n\n",
+                         false);
+    s.ids.insert(s.ids.end(), qa.begin(), qa.end());
+  }
+  return s;
+}
+
+}  // namespace duo

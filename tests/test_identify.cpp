@@ -1,0 +1,113 @@
+// Head identification: the multi-passkey data of duoattention.md section 4, the attention probe
+// behind the heuristic, and `duo identify --method heuristic` end to end.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <set>
+
+#include "duo/head_pattern.h"
+#include "engine/backend.h"
+#include "eval/multi_passkey.h"
+#include "eval/niah.h"
+#include "test_util.h"
+
+namespace duo {
+namespace {
+
+using testing::fixture;
+
+TEST(MultiPasskey, SampleFollowsTheRecipe) {
+  auto tok = Tokenizer::load(fixture("models/llama3_gqa"));
+  auto hay = haystack_tokens(*tok, "", 3000);
+  std::mt19937_64 rng(42);
+  PasskeyOptions o;
+  o.haystack_tokens = 2000;
+  PasskeySample s = make_multi_passkey_sample(*tok, hay, o, rng);
+  ASSERT_EQ(s.passkeys.size(), 10u);
+  const std::set<std::string> nato = {"alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel",
+                                      "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa",
+                                      "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey",
+                                      "xray", "yankee", "zulu"};
+  for (const auto& k : s.passkeys) {
+    std::istringstream is(k);
+    std::string w;
+    int count = 0;
+    while (is >> w) {
+      EXPECT_TRUE(nato.count(w)) << w;
+      ++count;
+    }
+    EXPECT_EQ(count, 32);
+  }
+  EXPECT_TRUE(std::is_sorted(s.needle_positions.begin(), s.needle_positions.end()));
+  const std::string qa = tok->decode(std::span<const int32_t>(s.ids).subspan(static_cast<size_t>(s.label_begin)), true);
+  EXPECT_EQ(qa.rfind("Based on the content of the book, what is the first passkey to the vault?\nPasskey: " + s.passkeys[0], 0), 0u);
+  const std::string all = tok->decode(s.ids, true);
+  EXPECT_NE(all.find("it's the tenth passkey to the vault: " + s.passkeys[9]), std::string::npos);
+  // Needles lie between 5% and 95% of the haystack.
+  EXPECT_GT(s.needle_positions.front(), 1 + 2000 * 5 / 100 - 1);
+}
+
+// The probe's long-range mass equals the softmax mass outside the window, computed directly.
+TEST(LongRangeProbe, MatchesDirectComputation) {
+  const int64_t N = 40, d = 8, heads = 2, S = 3, R = 5, qb = 30;
+  for (CpuMode mode : {CpuMode::kReference, CpuMode::kFast}) {
+    auto be = make_cpu_backend(mode);
+    auto cache = be->create_cache(CacheSpec{1, 1, d, N, {1}, 0, 0, StreamingPrefill::kExact});
+    std::mt19937_64 rng(5);
+    std::normal_distribution<float> nd;
+    std::vector<float> Q(N * heads * d), K(N * d), V(N * d);
+    for (auto* v : {&Q, &K, &V})
+      for (float& x : *v) x = 2 * nd(rng);
+    LongRangeProbe probe;
+    probe.query_begin = qb;
+    probe.sink = S;
+    probe.recent = R;
+    probe.mass.assign(1, 0.0);
+    probe.weight.assign(1, 0.0);
+    be->set_long_range_probe(&probe);
+    Tensor q = be->upload(Q.data(), N, heads * d), k = be->upload(K.data(), N, d), v = be->upload(V.data(), N, d);
+    Tensor o = be->alloc(N, heads * d);
+    be->attention(*cache, 0, q, k, v, heads, o);
+    be->set_long_range_probe(nullptr);
+    double want = 0;
+    for (int64_t t = qb; t < N; ++t)
+      for (int64_t h = 0; h < heads; ++h) {
+        std::vector<double> s(static_cast<size_t>(t + 1));
+        double mx = -1e300, sum = 0;
+        for (int64_t j = 0; j <= t; ++j) {
+          double dot = 0;
+          for (int64_t e = 0; e < d; ++e) dot += Q[(t * heads + h) * d + e] * K[j * d + e];
+          s[j] = dot / std::sqrt(static_cast<double>(d));
+          mx = std::max(mx, s[j]);
+        }
+        for (double& x : s) sum += (x = std::exp(x - mx));
+        for (int64_t j = S; j <= t - R; ++j) want += s[j] / sum;
+      }
+    EXPECT_NEAR(probe.mass[0], want, 1e-4);
+    EXPECT_EQ(probe.weight[0], static_cast<double>((N - qb) * heads));
+    EXPECT_GT(want, 1.0);  // the test means something: there is mass outside the window
+  }
+}
+
+TEST(Identify, HeuristicWritesAPattern) {
+  testing::TempDir t("identify");
+  const std::string corpus = (testing::source_dir() / "data/haystack").string();
+  auto r = testing::run_duo("identify --method heuristic -m " + fixture("models/llama3_gqa").string() +
+                            " --corpus " + corpus + " --samples 2 --ctx-min 150 --ctx-max 300 --sink 4 --recent 16 -o " +
+                            (t / "pat").string());
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  HeadPattern p = load_head_pattern(t / "pat");
+  EXPECT_EQ(p.num_layers, 2);
+  EXPECT_EQ(p.num_kv_heads, 2);
+  EXPECT_EQ(*std::max_element(p.gates.begin(), p.gates.end()), 1.0);
+  EXPECT_EQ(p.sink_size, 4);
+  EXPECT_EQ(p.config["method"], "heuristic");
+  auto gate = testing::run_duo("identify -m " + fixture("models/llama3_gqa").string() + " --corpus " + corpus +
+                               " -o " + (t / "p2").string());
+  EXPECT_NE(gate.exit_code, 0);
+  EXPECT_NE(gate.err.find("not implemented yet"), std::string::npos) << gate.err;
+}
+
+}  // namespace
+}  // namespace duo
