@@ -1,7 +1,8 @@
 // `duo identify`: find retrieval heads and write a pattern in the published format.
 //   --method heuristic: one full-attention forward pass per synthetic multi-passkey sample; a KV
 //   head's score is the attention mass its query heads put, from the question-and-answer block,
-//   on keys outside the streaming window (sink <= j <= t - recent), normalised to [0, 1].
+//   on the passkey needles outside the streaming window (sink <= j <= t - recent), normalised to
+//   [0, 1] by the largest score. Heads that look the passkeys up are the retrieval heads.
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -71,6 +72,9 @@ void identify_heuristic(const IdentifyArgs& a) {
     std::fill(probe.mass.begin(), probe.mass.end(), 0.0);
     std::fill(probe.weight.begin(), probe.weight.end(), 0.0);
     probe.query_begin = sample.label_begin;
+    probe.key_ranges.clear();
+    for (size_t k = 0; k < sample.needle_positions.size(); ++k)
+      probe.key_ranges.emplace_back(sample.needle_positions[k], sample.needle_positions[k] + sample.needle_lengths[k]);
     backend->set_long_range_probe(&probe);
     for (int64_t p = 0; p < n; p += a.chunk) {
       const int64_t len = std::min(a.chunk, n - p);
@@ -95,7 +99,7 @@ void identify_heuristic(const IdentifyArgs& a) {
                 {"dataset_format", "multiple_passkey"}, {"num_passkeys", a.passkeys}, {"samples", a.samples},
                 {"context_length_min", a.ctx_min}, {"context_length_max", a.ctx_max}, {"sink_size", a.sink},
                 {"recent_size", a.recent}, {"seed", a.seed},
-                {"score", "mean attention mass from the QA block on keys outside sink + recent, / max"}};
+                {"score", "mean attention mass from the QA block on the needles outside sink + recent, / max"}};
   write_head_pattern(pat, a.out_dir);
   std::printf("wrote %s/full_attention_heads.tsv (%lld layers x %lld KV heads, heuristic scores)\n",
               a.out_dir.c_str(), static_cast<long long>(cfg.num_layers), static_cast<long long>(cfg.num_kv_heads));

@@ -374,7 +374,10 @@ class CpuBackend final : public Backend {
   }
 
   void record(int64_t t, int64_t j, double p) {
-    if (j >= probe_->sink && j <= t - probe_->recent) probe_->mass[probe_slot_] += p;
+    if (j < probe_->sink || j > t - probe_->recent) return;
+    bool in = probe_->key_ranges.empty();
+    for (auto [b, e] : probe_->key_ranges) in = in || (j >= b && j < e);
+    if (in) probe_->mass[probe_slot_] += p;
   }
 
   CpuMode mode_;

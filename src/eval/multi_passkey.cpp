@@ -47,6 +47,7 @@ PasskeySample make_multi_passkey_sample(const Tokenizer& tok, const std::vector<
     auto needle = tok.encode(std::string("\n\nRemember this sequence of words, it's the ") + kOrdinals[k] +
                                  " passkey to the vault: " + key + "\n\n",
                              false);
+    s.needle_lengths.push_back(static_cast<int64_t>(needle.size()));
     s.ids.insert(s.ids.end(), needle.begin(), needle.end());
   }
   s.ids.insert(s.ids.end(), haystack.begin() + start + cursor, haystack.begin() + start + n);

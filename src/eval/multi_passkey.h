@@ -17,6 +17,7 @@ struct PasskeySample {
   int64_t label_begin = 0;  // the question-and-answer block is ids[label_begin:]
   std::vector<std::string> passkeys;
   std::vector<int64_t> needle_positions;  // token index of each needle
+  std::vector<int64_t> needle_lengths;    // its length in tokens
 };
 
 struct PasskeyOptions {
