@@ -9,5 +9,6 @@ namespace duo::cli {
 void add_info_command(CLI::App& app);
 void add_run_command(CLI::App& app);
 void add_pattern_command(CLI::App& app);
+void add_bench_command(CLI::App& app);
 
 }  // namespace duo::cli
