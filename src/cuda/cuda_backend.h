@@ -4,7 +4,8 @@
 // Plain C++ header (no CUDA includes), so CLI code can include it under DUO_HAVE_CUDA.
 //
 // Environment: DUO_ATTENTION=naive makes attention() use the naive kernels of
-// cuda/attention_naive.h instead of the contract's fast ones.
+// cuda/attention_naive.h instead of the contract's fast ones; head dims other than 64 and 128
+// always use the naive kernels.
 //
 // Memory accounting: every device allocation of the backend (weights, scratch, KV stores, token
 // buffers, the cuBLASLt workspace, attention workspace) goes through one counter;
