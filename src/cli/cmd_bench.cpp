@@ -201,6 +201,8 @@ void run_bench(const BenchArgs& a) {
       std::vector<int32_t> prompt(static_cast<size_t>(N));
       for (auto& x : prompt) x = tok(rng);
       backend->synchronize();
+      std::fprintf(stderr, "  N=%lld: prefilling in chunks of %lld ...\n", static_cast<long long>(N),
+                   static_cast<long long>(a.chunk));
       const auto t0 = clock::now();
       std::vector<float> logits;
       for (int64_t p = 0; p < N; p += a.chunk) {
@@ -235,6 +237,9 @@ void run_bench(const BenchArgs& a) {
       r["kv_bytes_total"] = kv.total();
       r["kv_bytes_full_attention_bf16"] = full_kv;
       r["peak_device_bytes"] = backend->device_memory_peak();
+      // Model::reserve sizes its logits scratch for every row of the largest forward (it only ever
+      // needs logit_rows = 1 here): that buffer is part of the peak above.
+      r["logits_scratch_bytes"] = std::min(a.chunk, std::max<int64_t>(N, 512)) * cfg.vocab_size * 2;
       r["device_used_bytes_driver"] = driver_used_bytes(a.backend);
       std::fprintf(stderr,
                    "  N=%lld: prefill %.3f s (%.0f tok/s), decode %.2f ms/token (median of %lld), "
