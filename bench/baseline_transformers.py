@@ -47,7 +47,7 @@ def main():
     dev = torch.device("cuda")
     t0 = time.perf_counter()
     with dev:
-        model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16, attn_implementation=args.attn)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation=args.attn)
     model.eval()
     torch.cuda.synchronize()
     load_s = time.perf_counter() - t0

@@ -191,6 +191,7 @@ void run_bench(const BenchArgs& a) {
   }
 
   nlohmann::json results = nlohmann::json::array();
+  int64_t max_rows = std::min<int64_t>(512, contexts.front());  // rows of the largest forward so far
   for (const int64_t N : contexts) {
     nlohmann::json r = {{"context", N}};
     try {
@@ -239,7 +240,8 @@ void run_bench(const BenchArgs& a) {
       r["peak_device_bytes"] = backend->device_memory_peak();
       // Model::reserve sizes its logits scratch for every row of the largest forward (it only ever
       // needs logit_rows = 1 here): that buffer is part of the peak above.
-      r["logits_scratch_bytes"] = std::min(a.chunk, std::max<int64_t>(N, 512)) * cfg.vocab_size * 2;
+      max_rows = std::max(max_rows, std::min(a.chunk, N));
+      r["logits_scratch_bytes"] = max_rows * cfg.vocab_size * 2;
       r["device_used_bytes_driver"] = driver_used_bytes(a.backend);
       std::fprintf(stderr,
                    "  N=%lld: prefill %.3f s (%.0f tok/s), decode %.2f ms/token (median of %lld), "
