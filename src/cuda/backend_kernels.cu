@@ -75,6 +75,12 @@ __global__ void rmsnorm_kernel(const bf16* x, const bf16* w, float eps, int64_t 
 // One block per row: cos/sin of the row's position for each frequency (angle in fp32 exactly as
 // the CPU: float(pos) * inv_freq[i]; cos/sin evaluated in double and rounded to float, as the CPU's
 // std::cos(double)), then every head of the row rotated (rotate-half pairs (i, i + d/2)).
+// Error vs the CPU: the angle is the same fp32 number; CUDA's double sincos is within 1-2 double
+// ulps, so the fp32 cos/sin differ from the CPU's only when that lands on a float rounding
+// boundary (at most 1 fp32 ulp, i.e. <= 6e-8 relative). fp32 cosf/sinf would instead err by
+// ~1e-7..1e-6 absolute for the large angles of long contexts (pos up to 1e6, angle = pos * 1).
+// The rotation is fp32 and the result is rounded to bf16 (2^-9 relative), which dominates:
+// measured NMSE vs the CPU <= 3.1e-6 (and exactly 0 on the 1-row cases).
 __global__ void rope_kernel(bf16* x, int64_t cols, int heads, int head_dim, const int64_t* positions,
                             const float* inv_freq, float attention_scaling) {
   extern __shared__ float cs[];  // [half] cos, then [half] sin
