@@ -2,6 +2,7 @@
 #include <cstdio>
 #include <exception>
 
+#include "cli/cli_util.h"
 #include "cli/commands.h"
 #include "core/error.h"
 
@@ -14,6 +15,8 @@ int main(int argc, char** argv) {
   duo::cli::add_niah_command(app);
   duo::cli::add_identify_command(app);
   duo::cli::add_pattern_command(app);
+  duo::cli::add_bench_command(app);
+  duo::cli::set_command_line(argc, argv);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

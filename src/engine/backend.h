@@ -77,6 +77,12 @@ class Backend {
 
   // Weights: host fp32 data [rows x cols] copied (and converted) into backend memory.
   virtual Tensor upload(const float* host, int64_t rows, int64_t cols) = 0;
+  // Weights drawn in backend memory (random-weight benchmarks, no host round trip): element i is
+  // stddev * random_normal_at(seed, i) (engine/random_fill.h), identical on every backend before
+  // conversion to the backend's storage type.
+  virtual Tensor random_normal(int64_t rows, int64_t cols, float stddev, uint64_t seed) = 0;
+  // A tensor with every element = value.
+  virtual Tensor constant(int64_t rows, int64_t cols, float value) = 0;
   // Scratch activations; contents undefined. Freed with the backend.
   virtual Tensor alloc(int64_t rows, int64_t cols) = 0;
   // Rows [begin, end) of t, sharing its memory.
@@ -107,6 +113,15 @@ class Backend {
   // Starts (probe != nullptr) or stops collecting LongRangeProbe statistics; the probe's vectors
   // must be sized layers * kv_heads. Backends without it throw Error.
   virtual void set_long_range_probe(LongRangeProbe* probe);
+
+  // Waits for queued device work (no-op on the CPU). Timing code calls it before reading a clock.
+  virtual void synchronize() {}
+  // Peak device memory held by this backend (weights, scratch, caches, library workspaces) since
+  // it was created or since reset_memory_peak(); 0 for backends without device memory.
+  virtual int64_t device_memory_peak() const { return 0; }
+  // Device memory held now; 0 for backends without device memory.
+  virtual int64_t device_memory_in_use() const { return 0; }
+  virtual void reset_memory_peak() {}
 };
 
 enum class CpuMode { kReference, kFast };

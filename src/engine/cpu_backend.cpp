@@ -10,6 +10,7 @@
 #include "core/error.h"
 #include "duo/streaming_window.h"
 #include "engine/backend.h"
+#include "engine/random_fill.h"
 
 namespace duo {
 
@@ -134,6 +135,18 @@ class CpuBackend final : public Backend {
   Tensor upload(const float* host, int64_t rows, int64_t cols) override {
     Tensor t = alloc(rows, cols);
     std::memcpy(t.data, host, static_cast<size_t>(rows * cols) * sizeof(float));
+    return t;
+  }
+  Tensor random_normal(int64_t rows, int64_t cols, float stddev, uint64_t seed) override {
+    Tensor t = alloc(rows, cols);
+    float* p = fp(t);
+    for (int64_t i = 0; i < rows * cols; ++i)
+      p[i] = stddev * random_normal_at(seed, static_cast<uint64_t>(i));
+    return t;
+  }
+  Tensor constant(int64_t rows, int64_t cols, float value) override {
+    Tensor t = alloc(rows, cols);
+    std::fill(fp(t), fp(t) + rows * cols, value);
     return t;
   }
   Tensor alloc(int64_t rows, int64_t cols) override {

@@ -1,10 +1,10 @@
 #include "engine/model.h"
 
 #include <algorithm>
-#include <random>
 #include <string>
 
 #include "core/error.h"
+#include "engine/random_fill.h"
 #include "model/safetensors.h"
 
 namespace duo {
@@ -133,17 +133,13 @@ void Model::load_checkpoint(const std::filesystem::path& model_dir) {
 void Model::load_random(uint64_t seed) {
   const ModelConfig& c = config_;
   Backend& b = *backend_;
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 0.02f);
+  // Every weight ~ N(0, 0.02^2), norms 1.0; drawn on the backend (engine/random_fill.h), one
+  // independent counter-based stream per tensor, so a 7-8B model needs no host copy.
+  uint64_t tensor_index = 0;
   auto rand = [&](int64_t rows, int64_t cols) {
-    std::vector<float> w(static_cast<size_t>(rows * cols));
-    for (float& x : w) x = normal(rng);
-    return b.upload(w.data(), rows, cols);
+    return b.random_normal(rows, cols, 0.02f, tensor_seed(seed, tensor_index++));
   };
-  auto ones = [&](int64_t n) {
-    std::vector<float> w(static_cast<size_t>(n), 1.0f);
-    return b.upload(w.data(), 1, n);
-  };
+  auto ones = [&](int64_t n) { return b.constant(1, n, 1.0f); };
   const int64_t H = c.hidden_size, I = c.intermediate_size;
   embed_ = rand(c.vocab_size, H);
   final_norm_ = ones(H);

@@ -1,0 +1,314 @@
+// `duo bench`: efficiency protocol of duoattention.md section 5 (batch 1). For each context N: a
+// cache sized for N + warm-up + decode steps; prefill of N random tokens in chunks (timed, device
+// synchronised); then warm-up decode steps (not counted) and --decode-steps timed decode steps
+// (median ms/token); peak device memory; KV bytes allocated (retrieval / streaming); realised
+// sparsity. Progress on stderr; --json prints one JSON object on stdout.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "cli/cli_util.h"
+#include "cli/commands.h"
+#include "core/error.h"
+#include "core/file_util.h"
+#include "duo/head_pattern.h"
+#include "engine/model.h"
+#include "model/config.h"
+
+#ifdef DUO_HAVE_CUDA
+#include "cuda/cuda_backend.h"
+#endif
+
+namespace duo::cli {
+
+namespace {
+
+struct BenchArgs {
+  std::string model_dir;
+  bool random_weights = false;
+  std::string config_file;
+  std::string pattern;
+  double sparsity = 0.5;
+  double threshold = 0.5;
+  bool streaming_only = false;
+  int64_t sink = 128;
+  int64_t recent = 256;
+  std::string contexts = "20000";
+  int64_t chunk = 32768;
+  int64_t decode_steps = 100;
+  int64_t warmup_steps = 5;
+  std::string backend = "cuda";
+  uint64_t seed = 0;
+  bool json = false;
+  CLI::Option* sparsity_opt = nullptr;
+  CLI::Option* threshold_opt = nullptr;
+  CLI::Option* sink_opt = nullptr;
+  CLI::Option* recent_opt = nullptr;
+};
+
+std::vector<int64_t> parse_contexts(const std::string& s) {
+  std::vector<int64_t> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    size_t pos = 0;
+    int64_t v = 0;
+    try {
+      v = std::stoll(item, &pos);
+    } catch (const std::exception&) {
+      fail("--contexts: '", item, "' is not an integer");
+    }
+    check(pos == item.size() && v > 0, "--contexts: '", item, "' is not a positive integer");
+    out.push_back(v);
+  }
+  check(!out.empty(), "--contexts: no context lengths given");
+  return out;
+}
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+double percentile(std::vector<double> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[static_cast<size_t>(q * static_cast<double>(v.size() - 1) + 0.5)];
+}
+
+int32_t argmax(const std::vector<float>& x) {
+  return static_cast<int32_t>(std::max_element(x.begin(), x.end()) - x.begin());
+}
+
+std::unique_ptr<Backend> make_backend(const std::string& name) {
+  if (name == "cpu") return make_cpu_backend(CpuMode::kFast);
+  if (name == "cuda") {
+#ifdef DUO_HAVE_CUDA
+    check(cuda::device_count() > 0, "--backend cuda: no CUDA device found on this machine");
+    return make_cuda_backend(0);
+#else
+    fail("--backend cuda: this duo was built without CUDA (rebuild with nvcc available)");
+#endif
+  }
+  fail("--backend: expected cpu or cuda, got '", name, "'");
+}
+
+std::string device_name(const std::string& backend) {
+#ifdef DUO_HAVE_CUDA
+  if (backend == "cuda") return cuda::device_name(0);
+#endif
+  (void)backend;
+  return "cpu";
+}
+
+int64_t driver_used_bytes(const std::string& backend) {
+#ifdef DUO_HAVE_CUDA
+  if (backend == "cuda") return cuda::device_memory_used(0);
+#endif
+  (void)backend;
+  return 0;
+}
+
+void run_bench(const BenchArgs& a) {
+  using clock = std::chrono::steady_clock;
+  check(a.model_dir.empty() != !a.random_weights,
+        "give either -m DIR or --random-weights --config FILE");
+  check(!a.random_weights || !a.config_file.empty(), "--random-weights needs --config FILE");
+  check(a.chunk > 0, "--chunk must be positive, got ", a.chunk);
+  check(a.decode_steps >= 1, "--decode-steps must be >= 1, got ", a.decode_steps);
+  check(a.warmup_steps >= 0, "--warmup-steps must be >= 0");
+  check(a.sink >= 0 && a.recent >= 0, "--sink and --recent must be >= 0");
+  const std::vector<int64_t> contexts = parse_contexts(a.contexts);
+
+  const ModelConfig cfg = a.random_weights
+                              ? ModelConfig::from_json(read_json_file(a.config_file), a.config_file)
+                              : ModelConfig::load(a.model_dir);
+
+  // Head partition.
+  HeadPartition part = all_retrieval(cfg.num_layers, cfg.num_kv_heads);
+  std::string pattern_desc = "full attention (all retrieval)";
+  int64_t sink = a.sink, recent = a.recent;
+  check(!(a.streaming_only && !a.pattern.empty()), "--streaming-only and --pattern exclude each other");
+  if (!a.pattern.empty()) {
+    const HeadPattern pat = load_head_pattern(a.pattern);
+    validate_against(pat, cfg, a.random_weights ? a.config_file : a.model_dir);
+    check(!(a.sparsity_opt->count() && a.threshold_opt->count()),
+          "give --sparsity or --threshold, not both");
+    if (a.threshold_opt->count()) {
+      part = binarize_by_threshold(pat, a.threshold);
+      pattern_desc = a.pattern + " (threshold " + std::to_string(a.threshold) + ")";
+    } else {
+      part = binarize_by_sparsity(pat, a.sparsity);
+      pattern_desc = a.pattern + " (sparsity " + std::to_string(a.sparsity) + ")";
+    }
+    if (!a.sink_opt->count() && pat.sink_size) sink = *pat.sink_size;
+    if (!a.recent_opt->count() && pat.recent_size) recent = *pat.recent_size;
+  } else if (a.streaming_only) {
+    part = all_streaming(cfg.num_layers, cfg.num_kv_heads);
+    pattern_desc = "all streaming (StreamingLLM)";
+  }
+  const HeadLayout layout = HeadLayout::from_partition(cfg, part);
+
+  auto backend = make_backend(a.backend);
+  const std::string card = device_name(a.backend);
+  std::fprintf(stderr, "duo bench: %s on %s; %s; S=%lld R=%lld; realised sparsity %.4f\n",
+               cfg.model_type.c_str(), card.c_str(), pattern_desc.c_str(), static_cast<long long>(sink),
+               static_cast<long long>(recent), part.sparsity());
+  const auto tl0 = clock::now();
+  std::unique_ptr<Model> model =
+      a.random_weights ? std::make_unique<Model>(cfg, *backend, layout, a.seed)
+                       : std::make_unique<Model>(a.model_dir, *backend, layout);
+  backend->synchronize();
+  const double load_s = std::chrono::duration<double>(clock::now() - tl0).count();
+  const int64_t weights_bytes = backend->device_memory_in_use();
+  std::fprintf(stderr, "duo bench: weights loaded in %.1f s (%s on the device)\n", load_s,
+               human_bytes(weights_bytes).c_str());
+
+  std::mt19937 rng(static_cast<uint32_t>(a.seed + 1));
+  std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(cfg.vocab_size - 1));
+
+  // Warm-up (not timed): library handles, GEMM plans, module loading.
+  {
+    const int64_t n = std::min<int64_t>(512, contexts.front());
+    auto cache = model->make_cache(n + 2, sink, recent, StreamingPrefill::kExact);
+    std::vector<int32_t> t(static_cast<size_t>(n));
+    for (auto& x : t) x = tok(rng);
+    auto logits = model->forward(t, *cache, 1);
+    for (int i = 0; i < 2; ++i) {
+      const int32_t next = argmax(logits);
+      logits = model->forward(std::span<const int32_t>(&next, 1), *cache, 1);
+    }
+    backend->synchronize();
+  }
+
+  nlohmann::json results = nlohmann::json::array();
+  int64_t max_rows = std::min<int64_t>(512, contexts.front());  // rows of the largest forward so far
+  for (const int64_t N : contexts) {
+    nlohmann::json r = {{"context", N}};
+    try {
+      backend->reset_memory_peak();
+      const int64_t capacity = N + a.warmup_steps + a.decode_steps;
+      auto cache = model->make_cache(capacity, sink, recent, StreamingPrefill::kExact);
+      const CacheBytes kv = cache->allocated_bytes();
+      std::vector<int32_t> prompt(static_cast<size_t>(N));
+      for (auto& x : prompt) x = tok(rng);
+      backend->synchronize();
+      std::fprintf(stderr, "  N=%lld: prefilling in chunks of %lld ...\n", static_cast<long long>(N),
+                   static_cast<long long>(a.chunk));
+      const auto t0 = clock::now();
+      std::vector<float> logits;
+      for (int64_t p = 0; p < N; p += a.chunk) {
+        const int64_t len = std::min(a.chunk, N - p);
+        logits = model->forward(std::span<const int32_t>(prompt.data() + p, static_cast<size_t>(len)), *cache,
+                                p + len == N ? 1 : 0);
+        backend->synchronize();
+        std::fprintf(stderr, "\r  N=%lld prefill %lld/%lld (%.1f s)", static_cast<long long>(N),
+                     static_cast<long long>(p + len), static_cast<long long>(N),
+                     std::chrono::duration<double>(clock::now() - t0).count());
+      }
+      const double prefill_s = std::chrono::duration<double>(clock::now() - t0).count();
+      std::fprintf(stderr, "\n");
+      std::vector<double> ms;
+      for (int64_t i = 0; i < a.warmup_steps + a.decode_steps; ++i) {
+        const int32_t next = argmax(logits);
+        const auto s0 = clock::now();
+        logits = model->forward(std::span<const int32_t>(&next, 1), *cache, 1);  // downloads: synchronous
+        backend->synchronize();
+        const double dt = std::chrono::duration<double, std::milli>(clock::now() - s0).count();
+        if (i >= a.warmup_steps) ms.push_back(dt);
+      }
+      const int64_t full_kv = cfg.kv_bytes_per_token(2) * capacity;
+      r["prefill_seconds"] = prefill_s;
+      r["prefill_tokens_per_second"] = static_cast<double>(N) / prefill_s;
+      r["decode_ms_per_token_median"] = median(ms);
+      r["decode_ms_per_token_p10"] = percentile(ms, 0.1);
+      r["decode_ms_per_token_p90"] = percentile(ms, 0.9);
+      r["cache_capacity_tokens"] = capacity;
+      r["kv_bytes_retrieval"] = kv.retrieval;
+      r["kv_bytes_streaming"] = kv.streaming;
+      r["kv_bytes_total"] = kv.total();
+      r["kv_bytes_full_attention_bf16"] = full_kv;
+      r["peak_device_bytes"] = backend->device_memory_peak();
+      // Model::reserve sizes its logits scratch for every row of the largest forward (it only ever
+      // needs logit_rows = 1 here): that buffer is part of the peak above.
+      max_rows = std::max(max_rows, std::min(a.chunk, N));
+      r["logits_scratch_bytes"] = max_rows * cfg.vocab_size * 2;
+      r["device_used_bytes_driver"] = driver_used_bytes(a.backend);
+      std::fprintf(stderr,
+                   "  N=%lld: prefill %.3f s (%.0f tok/s), decode %.2f ms/token (median of %lld), "
+                   "KV %s (retrieval %s, streaming %s; full attention %s), peak %s\n",
+                   static_cast<long long>(N), prefill_s, static_cast<double>(N) / prefill_s, median(ms),
+                   static_cast<long long>(a.decode_steps), human_bytes(kv.total()).c_str(),
+                   human_bytes(kv.retrieval).c_str(), human_bytes(kv.streaming).c_str(),
+                   human_bytes(full_kv).c_str(), human_bytes(backend->device_memory_peak()).c_str());
+    } catch (const Error& e) {
+      // Out of memory at one context (as the paper's OOM points) is a result, not a failure.
+      r["error"] = e.what();
+      r["peak_device_bytes"] = backend->device_memory_peak();
+      std::fprintf(stderr, "\n  N=%lld: %s\n", static_cast<long long>(N), e.what());
+    }
+    results.push_back(r);
+  }
+
+  if (a.json) {
+    nlohmann::json j = {
+        {"command", command_line()},
+        {"backend", backend->name()},
+        {"device", card},
+        {"model", a.random_weights ? a.config_file : a.model_dir},
+        {"weights", a.random_weights ? "random (seed " + std::to_string(a.seed) + ")" : "checkpoint"},
+        {"model_type", cfg.model_type},
+        {"layers", cfg.num_layers},
+        {"heads", cfg.num_heads},
+        {"kv_heads", cfg.num_kv_heads},
+        {"head_dim", cfg.head_dim},
+        {"pattern", pattern_desc},
+        {"sparsity_realised", part.sparsity()},
+        {"retrieval_heads", part.total_retrieval()},
+        {"sink", sink},
+        {"recent", recent},
+        {"chunk", a.chunk},
+        {"decode_steps", a.decode_steps},
+        {"warmup_steps", a.warmup_steps},
+        {"weights_device_bytes", weights_bytes},
+        {"load_seconds", load_s},
+        {"results", results},
+    };
+    std::cout << j.dump(2) << "\n";
+  }
+}
+
+}  // namespace
+
+void add_bench_command(CLI::App& app) {
+  auto a = std::make_shared<BenchArgs>();
+  CLI::App* sub = app.add_subcommand("bench", "Prefill latency, decode ms/token and memory at given contexts");
+  sub->add_option("-m,--model", a->model_dir, "Model directory (config.json + safetensors)");
+  sub->add_flag("--random-weights", a->random_weights, "Random weights (N(0, 0.02)) from --config alone");
+  sub->add_option("--config", a->config_file, "config.json for --random-weights");
+  sub->add_option("--pattern", a->pattern, "DuoAttention pattern directory or .tsv");
+  a->sparsity_opt = sub->add_option("--sparsity", a->sparsity, "Fraction of KV heads made streaming (default 0.5)");
+  a->threshold_opt = sub->add_option("--threshold", a->threshold, "Retrieval iff gate >= threshold");
+  sub->add_flag("--streaming-only", a->streaming_only, "Every head streaming (StreamingLLM)");
+  a->sink_opt = sub->add_option("--sink", a->sink, "Sink tokens S (default: the pattern's, else 128)");
+  a->recent_opt = sub->add_option("--recent", a->recent, "Recent window R (default: the pattern's, else 256)");
+  sub->add_option("--contexts", a->contexts, "Comma-separated context lengths, e.g. 20000,60000");
+  sub->add_option("--chunk", a->chunk, "Prefill chunk size (default 32768)");
+  sub->add_option("--decode-steps", a->decode_steps, "Timed decode steps (default 100)");
+  sub->add_option("--warmup-steps", a->warmup_steps, "Untimed decode steps before them (default 5)");
+  sub->add_option("--backend", a->backend, "cuda (default) or cpu");
+  sub->add_option("--seed", a->seed, "Seed of the random weights and tokens (default 0)");
+  sub->add_flag("--json", a->json, "Print one JSON object with every number");
+  sub->callback([a] { run_bench(*a); });
+}
+
+}  // namespace duo::cli

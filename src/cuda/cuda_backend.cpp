@@ -1,0 +1,540 @@
+// CUDA backend (see cuda_backend.h): the Backend class, host side (C++20). Kernels live in
+// backend_kernels.cu (plain: one block per row for row-wise ops, grid-stride loops for element-wise
+// ops, fp32 arithmetic on bf16 storage); linear layers go through cuBLASLt.
+#include "cuda/cuda_backend.h"
+
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <string_view>
+#include <tuple>
+#include <vector>
+
+#include "core/error.h"
+#include "cuda/attention.h"
+#include "cuda/attention_naive.h"
+#include "cuda/cuda_check.h"
+#include "cuda/backend_kernels.h"
+
+namespace duo {
+
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+bf16* bp(const Tensor& t) { return static_cast<bf16*>(t.data); }
+
+// ---------------------------------------------------------------------------------------------
+// Device memory with accounting
+
+class DeviceMemory {
+ public:
+  explicit DeviceMemory(int device) : device_(device) {}
+  void* alloc(int64_t bytes, const char* what) {
+    if (bytes <= 0) bytes = 1;
+    void* p = nullptr;
+    const cudaError_t e = cudaMalloc(&p, static_cast<size_t>(bytes));
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();
+      size_t free_b = 0, total_b = 0;
+      (void)cudaMemGetInfo(&free_b, &total_b);
+      fail("CUDA device ", device_, " out of memory allocating ", what, ": requested ", bytes,
+           " bytes (", static_cast<double>(bytes) / (1 << 20), " MiB), ", free_b, " bytes (",
+           static_cast<double>(free_b) / (1 << 20), " MiB) free of ", total_b, " (",
+           cudaGetErrorString(e), "); this backend holds ", in_use_, " bytes");
+    }
+    sizes_[p] = bytes;
+    in_use_ += bytes;
+    peak_ = std::max(peak_, in_use_);
+    return p;
+  }
+  void free(void* p) {
+    if (p == nullptr) return;
+    auto it = sizes_.find(p);
+    if (it != sizes_.end()) {
+      in_use_ -= it->second;
+      sizes_.erase(it);
+    }
+    (void)cudaFree(p);
+  }
+  ~DeviceMemory() {
+    for (auto& [p, n] : sizes_) (void)cudaFree(p);
+  }
+  int64_t in_use() const { return in_use_; }
+  int64_t peak() const { return peak_; }
+  void reset_peak() { peak_ = in_use_; }
+
+ private:
+  int device_;
+  std::map<void*, int64_t> sizes_;
+  int64_t in_use_ = 0;
+  int64_t peak_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------------
+// KV cache
+
+struct CudaLayerCache {
+  int64_t num_retrieval = 0;
+  int64_t num_streaming = 0;
+  bf16 *rk = nullptr, *rv = nullptr, *sk = nullptr, *sv = nullptr;
+};
+
+class CudaKVCache final : public KVCache {
+ public:
+  CudaKVCache(const CacheSpec& spec, DeviceMemory& mem) : spec_(spec), mem_(&mem) {
+    check(spec.num_layers > 0 && spec.num_kv_heads > 0 && spec.head_dim > 0 && spec.capacity > 0,
+          "kv cache: layers, KV heads, head_dim and capacity must be positive");
+    check(static_cast<int64_t>(spec.num_retrieval.size()) == spec.num_layers,
+          "kv cache: num_retrieval has ", spec.num_retrieval.size(), " entries, expected ",
+          spec.num_layers);
+    check(spec.sink >= 0 && spec.recent >= 0, "kv cache: sink and recent must be >= 0");
+    bool any_streaming = false;
+    for (int64_t r : spec.num_retrieval) any_streaming |= r < spec.num_kv_heads;
+    check(!any_streaming || spec.sink + spec.recent > 0,
+          "kv cache: streaming heads need sink + recent >= 1 (both are 0)");
+    for (int64_t l = 0; l < spec.num_layers; ++l) {
+      const int64_t r = spec.num_retrieval[l];
+      check(r >= 0 && r <= spec.num_kv_heads, "kv cache: layer ", l, " has ", r,
+            " retrieval heads, expected 0..", spec.num_kv_heads);
+    }
+    layers_.resize(static_cast<size_t>(spec.num_layers));
+    try {
+      for (int64_t l = 0; l < spec.num_layers; ++l) {
+        CudaLayerCache& c = layers_[l];
+        c.num_retrieval = spec.num_retrieval[l];
+        c.num_streaming = spec.num_kv_heads - c.num_retrieval;
+        const int64_t rn = c.num_retrieval * spec.capacity * spec.head_dim * 2;  // bytes
+        const int64_t sn = c.num_streaming * slots() * spec.head_dim * 2;
+        if (rn > 0) {
+          c.rk = static_cast<bf16*>(mem.alloc(rn, "KV cache retrieval K"));
+          c.rv = static_cast<bf16*>(mem.alloc(rn, "KV cache retrieval V"));
+          bytes_.retrieval += 2 * rn;
+        }
+        if (sn > 0) {
+          c.sk = static_cast<bf16*>(mem.alloc(sn, "KV cache streaming K"));
+          c.sv = static_cast<bf16*>(mem.alloc(sn, "KV cache streaming V"));
+          bytes_.streaming += 2 * sn;
+        }
+      }
+    } catch (...) {
+      release();
+      throw;
+    }
+  }
+  ~CudaKVCache() override { release(); }
+  const CacheSpec& spec() const override { return spec_; }
+  int64_t length() const override { return length_; }
+  CacheBytes allocated_bytes() const override { return bytes_; }
+  void clear() override { length_ = 0; }
+
+  CudaLayerCache& layer(int64_t l) { return layers_[l]; }
+  int64_t slots() const { return std::min(spec_.capacity, spec_.sink + spec_.recent); }
+  void advance(int64_t n) {
+    check(length_ + n <= spec_.capacity, "kv cache: ", length_ + n,
+          " tokens exceed the context length ", spec_.capacity);
+    length_ += n;
+  }
+
+ private:
+  void release() {
+    for (auto& c : layers_) {
+      mem_->free(c.rk);
+      mem_->free(c.rv);
+      mem_->free(c.sk);
+      mem_->free(c.sv);
+      c.rk = c.rv = c.sk = c.sv = nullptr;
+    }
+  }
+  CacheSpec spec_;
+  DeviceMemory* mem_;
+  std::vector<CudaLayerCache> layers_;
+  int64_t length_ = 0;
+  CacheBytes bytes_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// cuBLASLt plans
+
+int pointer_alignment(const void* p) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  int align = 256;
+  while (align > 1 && (a % static_cast<uintptr_t>(align)) != 0) align /= 2;
+  return align;
+}
+
+struct GemmPlan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  bool have_algo = false;
+};
+
+// ---------------------------------------------------------------------------------------------
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device) : device_(device), mem_(device) {
+    int count = 0;
+    const cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess || count == 0) {
+      (void)cudaGetLastError();
+      fail("no CUDA device available (", e != cudaSuccess ? cudaGetErrorString(e) : "0 devices",
+           ")");
+    }
+    check(device >= 0 && device < count, "CUDA device ", device, " does not exist (", count,
+          " present)");
+    DUO_CUDA_CHECK(cudaSetDevice(device));
+    cudaDeviceProp prop{};
+    DUO_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+    name_ = std::string("cuda:") + std::to_string(device) + " (" + prop.name + ")";
+    num_sms_ = prop.multiProcessorCount;
+    DUO_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    DUO_CUBLAS_CHECK(cublasLtCreate(&lt_));
+    workspace_bytes_ = 32 << 20;
+    workspace_ = mem_.alloc(workspace_bytes_, "cuBLASLt workspace");
+    const char* env = std::getenv("DUO_ATTENTION");
+    naive_attention_ = env != nullptr && std::string_view(env) == "naive";
+  }
+  ~CudaBackend() override {
+    (void)cudaStreamSynchronize(stream_);
+    for (auto& [key, plan] : plans_) destroy_plan(plan);
+    if (lt_ != nullptr) (void)cublasLtDestroy(lt_);
+    if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
+  }
+
+  int64_t kv_bytes_per_element() const override { return 2; }  // bf16 stores
+  std::string name() const override { return name_; }
+
+  Tensor upload(const float* host, int64_t rows, int64_t cols) override {
+    Tensor t = alloc(rows, cols);
+    const int64_t n = rows * cols;
+    constexpr int64_t kStage = int64_t{1} << 22;  // floats per staging round (16 MiB)
+    if (n == 0) return t;
+    float* stage = static_cast<float*>(staging(std::min(n, kStage) * 4));
+    for (int64_t off = 0; off < n; off += kStage) {
+      const int64_t len = std::min(kStage, n - off);
+      DUO_CUDA_CHECK(cudaMemcpyAsync(stage, host + off, static_cast<size_t>(len) * 4,
+                                     cudaMemcpyHostToDevice, stream_));
+      cuda::kernels::f32_to_bf16(stage, bp(t) + off, len, stream_);
+    }
+    DUO_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    return t;
+  }
+  Tensor random_normal(int64_t rows, int64_t cols, float stddev, uint64_t seed) override {
+    Tensor t = alloc(rows, cols);
+    const int64_t n = rows * cols;
+    cuda::kernels::fill_normal(bp(t), n, stddev, seed, stream_);
+    return t;
+  }
+  Tensor constant(int64_t rows, int64_t cols, float value) override {
+    Tensor t = alloc(rows, cols);
+    const int64_t n = rows * cols;
+    cuda::kernels::fill_constant(bp(t), n, value, stream_);
+    return t;
+  }
+  Tensor alloc(int64_t rows, int64_t cols) override {
+    check(rows >= 0 && cols >= 0, "cuda backend: negative tensor shape");
+    void* p = mem_.alloc(rows * cols * 2, "tensor");
+    owned_.push_back(p);
+    return Tensor{p, rows, cols};
+  }
+  Tensor view_rows(const Tensor& t, int64_t begin, int64_t end) override {
+    check(begin >= 0 && begin <= end && end <= t.rows, "view_rows: rows [", begin, ", ", end,
+          ") outside 0..", t.rows);
+    return Tensor{bp(t) + begin * t.cols, end - begin, t.cols};
+  }
+  std::vector<float> download(const Tensor& t, int64_t row_begin, int64_t row_end) override {
+    check(row_begin >= 0 && row_begin <= row_end && row_end <= t.rows, "download: rows [",
+          row_begin, ", ", row_end, ") outside 0..", t.rows);
+    const int64_t n = (row_end - row_begin) * t.cols;
+    std::vector<uint16_t> tmp(static_cast<size_t>(n));
+    if (n > 0)
+      DUO_CUDA_CHECK(cudaMemcpyAsync(tmp.data(), bp(t) + row_begin * t.cols,
+                                     static_cast<size_t>(n) * 2, cudaMemcpyDeviceToHost, stream_));
+    DUO_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    std::vector<float> out(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t bits = static_cast<uint32_t>(tmp[i]) << 16;  // bf16 -> fp32 is exact
+      std::memcpy(&out[i], &bits, 4);
+    }
+    return out;
+  }
+  std::unique_ptr<KVCache> create_cache(const CacheSpec& spec) override {
+    return std::make_unique<CudaKVCache>(spec, mem_);
+  }
+
+  void embed(const Tensor& table, std::span<const int32_t> tokens, Tensor& out) override {
+    const int64_t n = static_cast<int64_t>(tokens.size());
+    check(out.rows >= n && out.cols == table.cols, "embed: output is ", out.rows, " x ", out.cols,
+          ", expected ", n, " x ", table.cols);
+    for (size_t i = 0; i < tokens.size(); ++i)
+      check(tokens[i] >= 0 && tokens[i] < table.rows, "token id ", tokens[i],
+            " is outside the vocabulary of ", table.rows);
+    if (n == 0) return;
+    int32_t* d_tokens = static_cast<int32_t*>(scratch(tokens_buf_, n * 4, "token ids"));
+    DUO_CUDA_CHECK(cudaMemcpyAsync(d_tokens, tokens.data(), static_cast<size_t>(n) * 4,
+                                   cudaMemcpyHostToDevice, stream_));
+    cuda::kernels::embed(bp(table), table.cols, d_tokens, n, bp(out), stream_);
+  }
+
+  void rmsnorm(const Tensor& x, const Tensor& w, float eps, Tensor& out) override {
+    check(w.numel() == x.cols && out.rows == x.rows && out.cols == x.cols,
+          "rmsnorm: shapes do not match");
+    cuda::kernels::rmsnorm(bp(x), bp(w), eps, x.rows, x.cols, bp(out), stream_);
+  }
+
+  void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& out) override {
+    const int64_t n = x.rows, k = x.cols, m = w.rows;
+    check(w.cols == k && out.rows == n && out.cols == m, "linear: x ", x.rows, "x", x.cols,
+          ", w ", w.rows, "x", w.cols, ", out ", out.rows, "x", out.cols, " do not match");
+    check(bias == nullptr || bias->numel() == m, "linear: bias has ", bias ? bias->numel() : 0,
+          " elements, expected ", m);
+    if (n == 0 || m == 0) return;
+    const bf16* bptr = bias != nullptr ? bp(*bias) : nullptr;
+    GemmPlan& plan = gemm_plan(n, m, k, bp(x), bp(w), bp(out), bptr);
+    if (!plan.have_algo) {
+      cuda::kernels::linear_fallback(bp(x), bp(w), bptr, bp(out), n, m, k, stream_);
+      return;
+    }
+    if (bptr != nullptr)
+      DUO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                                                      &bptr, sizeof(bptr)));
+    const float alpha = 1.0f, beta = 0.0f;
+    DUO_CUBLAS_CHECK(cublasLtMatmul(lt_, plan.desc, &alpha, bp(w), plan.a, bp(x), plan.b, &beta,
+                                    bp(out), plan.c, bp(out), plan.c, &plan.algo, workspace_,
+                                    static_cast<size_t>(workspace_bytes_), stream_));
+  }
+
+  void rope(Tensor& x, int64_t heads, int64_t head_dim, std::span<const int64_t> positions,
+            const RopeFrequencies& f) override {
+    check(head_dim % 2 == 0 && heads * head_dim <= x.cols, "rope: ", heads, " heads of ", head_dim,
+          " do not fit ", x.cols, " columns");
+    check(static_cast<int64_t>(positions.size()) >= x.rows, "rope: ", positions.size(),
+          " positions for ", x.rows, " rows");
+    check(static_cast<int64_t>(f.inv_freq.size()) == head_dim / 2, "rope: ", f.inv_freq.size(),
+          " frequencies for head_dim ", head_dim);
+    if (x.rows == 0) return;
+    if (f.inv_freq != inv_freq_host_) {
+      float* d = static_cast<float*>(scratch(inv_freq_buf_, static_cast<int64_t>(f.inv_freq.size()) * 4, "rope frequencies"));
+      DUO_CUDA_CHECK(cudaMemcpyAsync(d, f.inv_freq.data(), f.inv_freq.size() * 4,
+                                     cudaMemcpyHostToDevice, stream_));
+      inv_freq_host_ = f.inv_freq;
+    }
+    // Positions: re-upload only when they differ from the last call's (q and k share them).
+    const int64_t n = x.rows;
+    if (positions_host_.size() != static_cast<size_t>(n) ||
+        !std::equal(positions_host_.begin(), positions_host_.end(), positions.begin())) {
+      int64_t* d = static_cast<int64_t*>(scratch(positions_buf_, n * 8, "rope positions"));
+      positions_host_.assign(positions.begin(), positions.begin() + n);
+      DUO_CUDA_CHECK(cudaMemcpyAsync(d, positions_host_.data(), static_cast<size_t>(n) * 8,
+                                     cudaMemcpyHostToDevice, stream_));
+    }
+    cuda::kernels::rope(bp(x), n, x.cols, static_cast<int>(heads), static_cast<int>(head_dim),
+                        static_cast<const int64_t*>(positions_buf_.ptr),
+                        static_cast<const float*>(inv_freq_buf_.ptr), f.attention_scaling, stream_);
+  }
+
+  void swiglu(const Tensor& gate, const Tensor& up, Tensor& out) override {
+    check(gate.numel() == up.numel() && out.numel() == gate.numel(), "swiglu: shapes do not match");
+    const int64_t n = gate.numel();
+    cuda::kernels::swiglu(bp(gate), bp(up), bp(out), n, stream_);
+  }
+
+  void add(Tensor& x, const Tensor& y) override {
+    check(x.numel() == y.numel(), "add: shapes do not match");
+    const int64_t n = x.numel();
+    cuda::kernels::add(bp(x), bp(y), n, stream_);
+  }
+
+  void attention(KVCache& cache_base, int64_t layer, const Tensor& q, const Tensor& k,
+                 const Tensor& v, int64_t num_heads, Tensor& out) override {
+    auto& cache = static_cast<CudaKVCache&>(cache_base);
+    const CacheSpec& s = cache.spec();
+    check(layer >= 0 && layer < s.num_layers, "attention: layer ", layer, " outside 0..",
+          s.num_layers - 1);
+    CudaLayerCache& lc = cache.layer(layer);
+    const int64_t n = q.rows, d = s.head_dim, hkv = s.num_kv_heads;
+    const int64_t p0 = cache.length();
+    check(p0 + n <= s.capacity, "context length exceeded: ", p0 + n,
+          " tokens, but the cache holds ", s.capacity, " (raise -c)");
+    check(num_heads % hkv == 0, "attention: ", num_heads, " query heads are not a multiple of ",
+          hkv, " KV heads");
+    check(q.cols == num_heads * d && k.cols == hkv * d && v.cols == hkv * d && k.rows == n &&
+              v.rows == n && out.rows == n && out.cols == num_heads * d,
+          "attention: q/k/v/out shapes do not match the cache");
+    if (n == 0) return;
+    cuda::AttentionParams p{};
+    p.q = bp(q);
+    p.k_new = bp(k);
+    p.v_new = bp(v);
+    p.out = bp(out);
+    p.n = n;
+    p.p0 = p0;
+    p.num_heads = static_cast<int>(num_heads);
+    p.num_kv_heads = static_cast<int>(hkv);
+    p.num_retrieval = static_cast<int>(lc.num_retrieval);
+    p.head_dim = static_cast<int>(d);
+    p.scale = 1.0f / std::sqrt(static_cast<float>(d));
+    p.retrieval_k = lc.rk;
+    p.retrieval_v = lc.rv;
+    p.capacity = s.capacity;
+    p.streaming_k = lc.sk;
+    p.streaming_v = lc.sv;
+    p.slots = cache.slots();
+    p.sink = s.sink;
+    p.recent = s.recent;
+    p.mode = s.prefill == StreamingPrefill::kExact ? cuda::StreamingMode::kExact
+                                                   : cuda::StreamingMode::kChunk;
+    // The fast kernels take head_dim 64 or 128 (cuda/attention.h); other sizes (the tiny test
+    // fixtures use 16) run on the naive kernels.
+    if (naive_attention_ || (d != 64 && d != 128)) {
+      p.workspace = nullptr;
+      p.workspace_bytes = 0;
+      if (lc.num_retrieval > 0) cuda::append_retrieval_naive(p, lc.rk, lc.rv, stream_);
+      cuda::attention_naive(p, stream_);
+      if (lc.num_streaming > 0) cuda::append_streaming_naive(p, lc.sk, lc.sv, stream_);
+      return;
+    }
+    const int64_t ws = cuda::attention_workspace_bytes(n, p.num_heads, p.head_dim, s.capacity, num_sms_);
+    p.workspace = ws > 0 ? static_cast<float*>(scratch(attn_workspace_, ws, "attention workspace")) : nullptr;
+    p.workspace_bytes = ws;
+    if (lc.num_retrieval > 0) cuda::append_retrieval(p, lc.rk, lc.rv, stream_);
+    cuda::attention(p, stream_);
+    if (lc.num_streaming > 0) cuda::append_streaming(p, lc.sk, lc.sv, stream_);
+  }
+
+  void advance(KVCache& cache, int64_t n) override { static_cast<CudaKVCache&>(cache).advance(n); }
+
+  void synchronize() override { DUO_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+  int64_t device_memory_peak() const override { return mem_.peak(); }
+  int64_t device_memory_in_use() const override { return mem_.in_use(); }
+  void reset_memory_peak() override { mem_.reset_peak(); }
+
+ private:
+  struct Scratch {
+    void* ptr = nullptr;
+    int64_t bytes = 0;
+  };
+  // A growable device buffer (contents not preserved when it grows).
+  void* scratch(Scratch& s, int64_t bytes, const char* what) {
+    if (bytes > s.bytes) {
+      if (s.ptr != nullptr) {
+        DUO_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the old buffer may still be in use
+        mem_.free(s.ptr);
+        s.ptr = nullptr;
+        s.bytes = 0;
+      }
+      s.ptr = mem_.alloc(bytes, what);
+      s.bytes = bytes;
+    }
+    return s.ptr;
+  }
+  void* staging(int64_t bytes) { return scratch(staging_, bytes, "upload staging"); }
+
+  GemmPlan& gemm_plan(int64_t n, int64_t m, int64_t k, const void* x, const void* w,
+                      const void* out, const void* bias) {
+    const int ax = pointer_alignment(x), aw = pointer_alignment(w), ao = pointer_alignment(out);
+    const auto key = std::make_tuple(n, m, k, ax, aw, ao, bias != nullptr);
+    auto it = plans_.find(key);
+    if (it != plans_.end()) return it->second;
+    GemmPlan plan;
+    // Column-major view: out^T [m x n] = w [k x m]^T * x^T [k x n].
+    DUO_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    DUO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+    DUO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+    if (bias != nullptr) {
+      const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+      DUO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
+      const cudaDataType_t bt = CUDA_R_16BF;
+      DUO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof(bt)));
+      DUO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+    }
+    DUO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.a, CUDA_R_16BF, static_cast<uint64_t>(k), static_cast<uint64_t>(m), k));
+    DUO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.b, CUDA_R_16BF, static_cast<uint64_t>(k), static_cast<uint64_t>(n), k));
+    DUO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.c, CUDA_R_16BF, static_cast<uint64_t>(m), static_cast<uint64_t>(n), m));
+    cublasLtMatmulPreference_t pref = nullptr;
+    DUO_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    const uint64_t wsb = static_cast<uint64_t>(workspace_bytes_);
+    DUO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof(wsb)));
+    const uint32_t al_a = static_cast<uint32_t>(aw), al_b = static_cast<uint32_t>(ax),
+                   al_c = static_cast<uint32_t>(ao);
+    DUO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, sizeof(al_a)));
+    DUO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof(al_b)));
+    DUO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof(al_c)));
+    DUO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof(al_c)));
+    cublasLtMatmulHeuristicResult_t result{};
+    int found = 0;
+    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt_, plan.desc, plan.a, plan.b, plan.c,
+                                                             plan.c, pref, 1, &result, &found);
+    (void)cublasLtMatmulPreferenceDestroy(pref);
+    if (st == CUBLAS_STATUS_SUCCESS && found > 0 && result.state == CUBLAS_STATUS_SUCCESS) {
+      plan.algo = result.algo;
+      plan.have_algo = true;
+    }
+    return plans_.emplace(key, plan).first->second;
+  }
+  static void destroy_plan(GemmPlan& p) {
+    if (p.a) (void)cublasLtMatrixLayoutDestroy(p.a);
+    if (p.b) (void)cublasLtMatrixLayoutDestroy(p.b);
+    if (p.c) (void)cublasLtMatrixLayoutDestroy(p.c);
+    if (p.desc) (void)cublasLtMatmulDescDestroy(p.desc);
+  }
+
+  int device_;
+  DeviceMemory mem_;  // declared before everything that allocates from it
+  std::string name_;
+  int num_sms_ = 0;
+  cudaStream_t stream_ = nullptr;
+  cublasLtHandle_t lt_ = nullptr;
+  void* workspace_ = nullptr;
+  int64_t workspace_bytes_ = 0;
+  bool naive_attention_ = false;
+  std::vector<void*> owned_;
+  Scratch staging_, tokens_buf_, positions_buf_, inv_freq_buf_, attn_workspace_;
+  std::vector<float> inv_freq_host_;
+  std::vector<int64_t> positions_host_;
+  std::map<std::tuple<int64_t, int64_t, int64_t, int, int, int, bool>, GemmPlan> plans_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cuda_backend(int device) { return std::make_unique<CudaBackend>(device); }
+
+namespace cuda {
+
+int device_count() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return count;
+}
+
+std::string device_name(int device) {
+  cudaDeviceProp prop{};
+  DUO_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  return prop.name;
+}
+
+int64_t device_memory_used(int device) {
+  int prev = 0;
+  if (cudaGetDevice(&prev) != cudaSuccess) return -1;
+  if (cudaSetDevice(device) != cudaSuccess) return -1;
+  size_t free_b = 0, total_b = 0;
+  const cudaError_t e = cudaMemGetInfo(&free_b, &total_b);
+  (void)cudaSetDevice(prev);
+  if (e != cudaSuccess) return -1;
+  return static_cast<int64_t>(total_b - free_b);
+}
+
+}  // namespace cuda
+}  // namespace duo
