@@ -12,6 +12,7 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "core/error.h"
 #include "cuda/attention_internal.cuh"
@@ -293,12 +294,30 @@ void launch(const KArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
+// Query-tile height: 128 rows (8 warps) for long chunks (halves K/V tile traffic per query),
+// 64 rows (4 warps) for short ones (more blocks). DUO_ATTN_BM=64|128 forces one (tuning/tests).
+static int forced_bm() {
+  static const int v = [] {
+    const char* e = std::getenv("DUO_ATTN_BM");
+    return e == nullptr ? 0 : std::atoi(e);
+  }();
+  return v;
+}
+
 void launch_prefill(const KArgs& a, int head_dim, cudaStream_t stream) {
   if (a.n <= 0) return;
+  const int f = forced_bm();
+  const bool big = f == 128 || (f != 64 && a.n >= 1024);
   if (head_dim == 128) {
-    launch<128, 4>(a, stream);
+    if (big)
+      launch<128, 8>(a, stream);
+    else
+      launch<128, 4>(a, stream);
   } else if (head_dim == 64) {
-    launch<64, 4>(a, stream);
+    if (big)
+      launch<64, 8>(a, stream);
+    else
+      launch<64, 4>(a, stream);
   } else {
     fail("attention: head_dim ", head_dim, " unsupported (64 or 128)");
   }
