@@ -31,10 +31,12 @@ namespace {
 
 constexpr int kDecodeThreads = 128;
 constexpr int kUnroll = 4;  // keys per lane-group per iteration
+constexpr int kMaxSplits = 1024;
 
 int64_t preferred_splits(int64_t max_context, int num_sms) {
   const int64_t by_len = std::max<int64_t>(1, (max_context + 255) / 256);
-  return std::max<int64_t>(1, std::min<int64_t>(std::max(num_sms, 1), by_len));
+  const int64_t sms = std::min(std::max(num_sms, 1), kMaxSplits);
+  return std::max<int64_t>(1, std::min<int64_t>(sms, by_len));
 }
 
 // Visible keys of the decode query (t = p0) for KV head g, as e -> position: e < a_len -> e,
@@ -95,7 +97,6 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const KArg
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int sub = lane % LPK, kslot = lane / LPK;
-  const int grp = warp * KPW + kslot;
 
   float q[G][8];
 #pragma unroll
@@ -105,6 +106,8 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const KArg
 #pragma unroll
     for (int i = 0; i < 8; ++i) q[hh][i] *= a.scale_log2;
   }
+  const bf16* k_base = retrieval ? a.rk + static_cast<int64_t>(g) * a.capacity * D + sub * 8 : nullptr;
+  const bf16* v_base = retrieval ? a.rv + static_cast<int64_t>(g) * a.capacity * D + sub * 8 : nullptr;
   float m[G], l[G], o[G][8];
 #pragma unroll
   for (int hh = 0; hh < G; ++hh) {
@@ -114,21 +117,31 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const KArg
     for (int i = 0; i < 8; ++i) o[hh][i] = 0.f;
   }
 
-  for (int64_t e0 = e_begin + static_cast<int64_t>(grp) * kUnroll; e0 < e_end;
-       e0 += static_cast<int64_t>(GROUPS) * kUnroll) {
+  // The trip count must be warp-uniform (full-mask shuffles below): iterate on the warp's base
+  // and let each lane-group mask its keys past e_end.
+  for (int64_t wbase = e_begin + static_cast<int64_t>(warp) * KPW * kUnroll; wbase < e_end;
+       wbase += static_cast<int64_t>(GROUPS) * kUnroll) {
+    const int64_t e0 = wbase + static_cast<int64_t>(kslot) * kUnroll;
     uint4 kv[kUnroll], vv[kUnroll];
     bool valid[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t e = e0 + u;
       valid[u] = e < e_end;
+      kv[u] = make_uint4(0, 0, 0, 0);
+      vv[u] = make_uint4(0, 0, 0, 0);
       if (valid[u]) {
-        const int64_t j = e < kl.a_len ? e : kl.b_begin + (e - kl.a_len);
-        kv[u] = *reinterpret_cast<const uint4*>(key_row<D>(a, g, retrieval, j, p0, false) + sub * 8);
-        vv[u] = *reinterpret_cast<const uint4*>(key_row<D>(a, g, retrieval, j, p0, true) + sub * 8);
-      } else {
-        kv[u] = make_uint4(0, 0, 0, 0);
-        vv[u] = make_uint4(0, 0, 0, 0);
+        const bf16 *kp, *vp;
+        if (retrieval) {  // block-uniform: contiguous rows, position == e
+          kp = k_base + e * D;
+          vp = v_base + e * D;
+        } else {
+          const int64_t j = e < kl.a_len ? e : kl.b_begin + (e - kl.a_len);
+          kp = key_row<D>(a, g, false, j, p0, false) + sub * 8;
+          vp = key_row<D>(a, g, false, j, p0, true) + sub * 8;
+        }
+        kv[u] = *reinterpret_cast<const uint4*>(kp);
+        vv[u] = *reinterpret_cast<const uint4*>(vp);
       }
     }
     float s[kUnroll][G];
@@ -151,6 +164,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const KArg
 #pragma unroll
         for (int hh = 0; hh < G; ++hh) s[u][hh] += __shfl_xor_sync(0xffffffffu, s[u][hh], off);
     }
+    // s becomes p (unnormalised probabilities); o and l rescaled per head.
 #pragma unroll
     for (int hh = 0; hh < G; ++hh) {
       float mx = m[hh];
@@ -162,18 +176,24 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const KArg
       const float base = mx == -INFINITY ? 0.f : mx;
       const float alpha = exp2f(m[hh] - base);
       m[hh] = mx;
-      l[hh] *= alpha;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) o[hh][i] *= alpha;
+      float lsum = l[hh] * alpha;
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        const float pr = exp2f(s[u][hh] - base);
-        l[hh] += pr;
-        float vf[8];
-        bf16x8_to_float(vv[u], vf);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) o[hh][i] = fmaf(pr, vf[i], o[hh][i]);
+        s[u][hh] = exp2f(s[u][hh] - base);
+        lsum += s[u][hh];
       }
+      l[hh] = lsum;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) o[hh][i] *= alpha;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float vf[8];
+      bf16x8_to_float(vv[u], vf);
+#pragma unroll
+      for (int hh = 0; hh < G; ++hh)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) o[hh][i] = fmaf(s[u][hh], vf[i], o[hh][i]);
     }
   }
 
@@ -235,6 +255,9 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const KArg
 template <int D>
 __global__ void __launch_bounds__(D) decode_merge_kernel(const KArgs a, const float* ws,
                                                           int splits) {
+  constexpr int W = D / 32;
+  __shared__ float wgt[kMaxSplits];
+  __shared__ float red[2][W];
   const int64_t p0 = load_p0(a);
   const int h = blockIdx.x;
   const int g = h / a.group;
@@ -242,18 +265,45 @@ __global__ void __launch_bounds__(D) decode_merge_kernel(const KArgs a, const fl
   const KeyList kl = decode_keys(a, retrieval, p0);
   const int64_t len = split_len<D>(kl.count, splits);
   const int used = kl.count <= 0 ? 0 : static_cast<int>((kl.count + len - 1) / len);
-  const int d = threadIdx.x;
+  const int d = threadIdx.x, warp = d / 32, lane = d % 32;
+  const int64_t stride = static_cast<int64_t>(a.num_heads) * (D + 2);
+  const float* base_ptr = ws + static_cast<int64_t>(h) * (D + 2);
+  // Pass 1: max of m over the used splits (split-parallel).
   float mx = -INFINITY;
-  for (int s = 0; s < used; ++s)
-    mx = fmaxf(mx, ws[(static_cast<int64_t>(s) * a.num_heads + h) * (D + 2) + D]);
+  for (int s = d; s < used; s += D) mx = fmaxf(mx, base_ptr[s * stride + D]);
+#pragma unroll
+  for (int off = 16; off >= 1; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  if (lane == 0) red[0][warp] = mx;
+  __syncthreads();
+  mx = red[0][0];
+#pragma unroll
+  for (int w = 1; w < W; ++w) mx = fmaxf(mx, red[0][w]);
   const float base = mx == -INFINITY ? 0.f : mx;
-  float acc = 0.f, lsum = 0.f;
-  for (int s = 0; s < used; ++s) {
-    const float* src = ws + (static_cast<int64_t>(s) * a.num_heads + h) * (D + 2);
-    const float f = exp2f(src[D] - base);
-    acc += src[d] * f;
-    lsum += src[D + 1] * f;
+  // Pass 2: weights and their l-sum.
+  float ls = 0.f;
+  for (int s = d; s < used; s += D) {
+    const float f = exp2f(base_ptr[s * stride + D] - base);
+    wgt[s] = f;
+    ls += f * base_ptr[s * stride + D + 1];
   }
+#pragma unroll
+  for (int off = 16; off >= 1; off /= 2) ls += __shfl_xor_sync(0xffffffffu, ls, off);
+  if (lane == 0) red[1][warp] = ls;
+  __syncthreads();
+  float lsum = 0.f;
+#pragma unroll
+  for (int w = 0; w < W; ++w) lsum += red[1][w];
+  // Pass 3: weighted sum of o, independent loads.
+  float acc0 = 0.f, acc1 = 0.f, acc2 = 0.f, acc3 = 0.f;
+  int s = 0;
+  for (; s + 4 <= used; s += 4) {
+    acc0 += wgt[s] * base_ptr[s * stride + d];
+    acc1 += wgt[s + 1] * base_ptr[(s + 1) * stride + d];
+    acc2 += wgt[s + 2] * base_ptr[(s + 2) * stride + d];
+    acc3 += wgt[s + 3] * base_ptr[(s + 3) * stride + d];
+  }
+  for (; s < used; ++s) acc0 += wgt[s] * base_ptr[s * stride + d];
+  const float acc = (acc0 + acc1) + (acc2 + acc3);
   a.out[static_cast<int64_t>(h) * D + d] = __float2bfloat16(lsum > 0.f ? acc / lsum : 0.f);
 }
 

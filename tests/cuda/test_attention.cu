@@ -405,6 +405,7 @@ TEST_P(SingleCall, MatchesReference) {
   const ErrStats e = compare(got, ref);
   std::printf("[attn] %-28s %-80s nmse=%.3e max_abs=%.3e\n", c.name.c_str(), describe(c).c_str(),
               e.nmse, e.max_abs);
+  std::fflush(stdout);
   EXPECT_TRUE(e.finite) << "non-finite output (unwritten or NaN)";
   EXPECT_LE(e.nmse, kMaxNmse);
   EXPECT_LE(e.max_abs, kMaxAbs);
@@ -519,6 +520,7 @@ void run_sequence(const SeqCase& c) {
   }
   std::printf("[attn-seq] %-24s calls=%zu tokens=%lld worst nmse=%.3e max_abs=%.3e\n",
               c.name.c_str(), c.chunks.size(), static_cast<long long>(p0), worst_nmse, worst_abs);
+  std::fflush(stdout);
   EXPECT_TRUE(dout.guards_ok() && ws.guards_ok() && st.rk.guards_ok() && st.rv.guards_ok() &&
               st.sk.guards_ok() && st.sv.guards_ok());
   if (exec) cudaGraphExecDestroy(exec);
