@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <vector>
@@ -129,7 +130,8 @@ double decode_ms(int64_t ctx, int nr, int sms, int reps) {
   b.rv = alloc_random(static_cast<int64_t>(nr) * ctx * kD, 5);
   b.sk = alloc_random(static_cast<int64_t>(kHkv - nr) * 384 * kD, 6);
   b.sv = alloc_random(static_cast<int64_t>(kHkv - nr) * 384 * kD, 7);
-  const int64_t wsb = duo::cuda::attention_workspace_bytes(1, kH, kD, ctx, sms);
+  // Room for up to 2 * SMs splits so DUO_ATTN_SPLITS can be explored; the default uses fewer.
+  const int64_t wsb = duo::cuda::attention_workspace_bytes(1, kH, kD, ctx, 2 * sms);
   DUO_CUDA_CHECK(cudaMalloc(&b.ws, static_cast<size_t>(wsb)));
   auto p = params(b, 1, ctx - 1, nr, ctx, 128, 256);
   p.workspace = b.ws;
@@ -141,6 +143,7 @@ double decode_ms(int64_t ctx, int nr, int sms, int reps) {
 
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  const bool decode_only = argc > 1 && std::strcmp(argv[1], "--decode-only") == 0;
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
     std::printf("{\"error\": \"no CUDA device\"}\n");
@@ -149,12 +152,13 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop{};
   DUO_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   const int reps = 20;
-  std::printf("{\"impl\": \"duo\", \"device\": \"%s\", \"sms\": %d}\n", prop.name,
-              prop.multiProcessorCount);
+  const char* forced = std::getenv("DUO_ATTN_SPLITS");
+  std::printf("{\"impl\": \"duo\", \"device\": \"%s\", \"sms\": %d, \"DUO_ATTN_SPLITS\": \"%s\"}\n",
+              prop.name, prop.multiProcessorCount, forced ? forced : "default");
   std::fflush(stdout);
   double full32 = 0;
   for (int64_t n : {16384LL, 32768LL, 65536LL}) {
-    if (quick && n > 16384) break;
+    if ((quick && n > 16384) || decode_only) break;
     const double ms = prefill_ms(n, kHkv, reps);
     if (n == 32768) full32 = ms;
     const double flops = 4.0 * static_cast<double>(n) * n / 2 * kD * kH;
@@ -174,7 +178,7 @@ int main(int argc, char** argv) {
       std::fflush(stdout);
     }
   }
-  if (!quick) {
+  if (!quick && !decode_only) {
     const double ms = prefill_ms(32768, 0, reps);
     std::printf("{\"impl\": \"duo\", \"bench\": \"prefill_streaming_only\", \"n\": 32768, \"S\": 128, "
                 "\"R\": 256, \"ms\": %.4f, \"full_ms\": %.4f, \"speedup\": %.2f}\n",

@@ -13,13 +13,16 @@
 // Merge kernel: one block per query head, one thread per dim; log-sum-exp over the used splits.
 //
 // CUDA graphs: p0 may be read from device memory (AttentionParams::p0_device); the grid depends on
-// (capacity, SM count, workspace size, heads) only, never on p0, and no host sync or allocation
-// happens inside attention().
+// (capacity, SM count, workspace size, heads, kernel occupancy) only, never on p0, and no host
+// sync or allocation happens inside attention(). Split count: enough blocks for one full wave
+// over the retrieval heads (occupancy * SMs / (retrieval heads * head tiles)), capped by the
+// workspace and by preferred_splits; DUO_ATTN_SPLITS=N overrides (tuning).
 #include <cuda_bf16.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 
 #include "core/error.h"
 #include "cuda/attention_internal.cuh"
@@ -140,8 +143,8 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const KArg
           kp = key_row<D>(a, g, false, j, p0, false) + sub * 8;
           vp = key_row<D>(a, g, false, j, p0, true) + sub * 8;
         }
-        kv[u] = *reinterpret_cast<const uint4*>(kp);
-        vv[u] = *reinterpret_cast<const uint4*>(vp);
+        kv[u] = __ldg(reinterpret_cast<const uint4*>(kp));
+        vv[u] = __ldg(reinterpret_cast<const uint4*>(vp));
       }
     }
     float s[kUnroll][G];
@@ -183,8 +186,10 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const KArg
         lsum += s[u][hh];
       }
       l[hh] = lsum;
+      if (alpha != 1.f) {  // the running max rarely moves after the first keys
 #pragma unroll
-      for (int i = 0; i < 8; ++i) o[hh][i] *= alpha;
+        for (int i = 0; i < 8; ++i) o[hh][i] *= alpha;
+      }
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -307,25 +312,76 @@ __global__ void __launch_bounds__(D) decode_merge_kernel(const KArgs a, const fl
   a.out[static_cast<int64_t>(h) * D + d] = __float2bfloat16(lsum > 0.f ? acc / lsum : 0.f);
 }
 
-template <int D>
-void launch_decode(const KArgs& a, float* ws, int splits, cudaStream_t stream) {
-  int G = 1;
-  for (int c : {8, 4, 2}) {
-    if (a.group % c == 0) {
-      G = c;
-      break;
+// Occupancy of one decode kernel instantiation (blocks per SM), cached. Queried (no-throw) once
+// from attention_workspace_bytes() too, so that a graph capture never makes the first query.
+template <int D, int G>
+int decode_occupancy() {
+  static int occ = 0;  // benign race: same value from every thread
+  if (occ == 0) {
+    int v = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, decode_split_kernel<D, G>,
+                                                      kDecodeThreads, 0) != cudaSuccess) {
+      cudaGetLastError();
+      return 1;
     }
+    occ = v > 0 ? v : 1;
   }
-  const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(a.num_kv_heads * (a.group / G)));
-  switch (G) {
-    case 8: decode_split_kernel<D, 8><<<grid, kDecodeThreads, 0, stream>>>(a, ws, splits); break;
-    case 4: decode_split_kernel<D, 4><<<grid, kDecodeThreads, 0, stream>>>(a, ws, splits); break;
-    case 2: decode_split_kernel<D, 2><<<grid, kDecodeThreads, 0, stream>>>(a, ws, splits); break;
-    default: decode_split_kernel<D, 1><<<grid, kDecodeThreads, 0, stream>>>(a, ws, splits); break;
+  return occ;
+}
+
+void warm_decode_occupancy() {
+  try {
+    (void)device_num_sms();
+  } catch (const Error&) {
+    return;  // no device: nothing to warm
   }
+  decode_occupancy<128, 1>();
+  decode_occupancy<128, 2>();
+  decode_occupancy<128, 4>();
+  decode_occupancy<128, 8>();
+  decode_occupancy<64, 1>();
+  decode_occupancy<64, 2>();
+  decode_occupancy<64, 4>();
+  decode_occupancy<64, 8>();
+}
+
+// DUO_ATTN_SPLITS=N forces the split count (still capped by the workspace): a tuning knob.
+int forced_splits() {
+  static const int v = [] {
+    const char* e = std::getenv("DUO_ATTN_SPLITS");
+    return e == nullptr ? 0 : std::atoi(e);
+  }();
+  return v;
+}
+
+template <int D, int G>
+void launch_decode_g(const KArgs& a, float* ws, int64_t max_splits, cudaStream_t stream) {
+  const int head_tiles = a.group / G;
+  // Split count: one full wave of blocks over the heads that carry long contexts (retrieval
+  // heads; streaming blocks finish at once), capped by the workspace / preferred count. The grid
+  // never depends on p0 (graph replay).
+  const int64_t rows = static_cast<int64_t>(std::max(a.num_retrieval, 1)) * head_tiles;
+  const int64_t wave = static_cast<int64_t>(decode_occupancy<D, G>()) * device_num_sms();
+  int64_t splits = std::max<int64_t>(1, wave / rows);
+  if (forced_splits() > 0) splits = forced_splits();
+  splits = std::max<int64_t>(1, std::min(splits, max_splits));
+  const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(a.num_kv_heads * head_tiles));
+  decode_split_kernel<D, G><<<grid, kDecodeThreads, 0, stream>>>(a, ws, static_cast<int>(splits));
   DUO_CUDA_CHECK(cudaGetLastError());
-  decode_merge_kernel<D><<<a.num_heads, D, 0, stream>>>(a, ws, splits);
+  decode_merge_kernel<D><<<a.num_heads, D, 0, stream>>>(a, ws, static_cast<int>(splits));
   DUO_CUDA_CHECK(cudaGetLastError());
+}
+
+template <int D>
+void launch_decode(const KArgs& a, float* ws, int64_t max_splits, cudaStream_t stream) {
+  if (a.group % 8 == 0)
+    launch_decode_g<D, 8>(a, ws, max_splits, stream);
+  else if (a.group % 4 == 0)
+    launch_decode_g<D, 4>(a, ws, max_splits, stream);
+  else if (a.group % 2 == 0)
+    launch_decode_g<D, 2>(a, ws, max_splits, stream);
+  else
+    launch_decode_g<D, 1>(a, ws, max_splits, stream);
 }
 
 }  // namespace
@@ -412,6 +468,7 @@ void validate(const AttentionParams& p, bool for_attention) {
 
 int64_t attention_workspace_bytes(int64_t /*n*/, int num_heads, int head_dim, int64_t max_context,
                                   int num_sms) {
+  detail::warm_decode_occupancy();
   const int64_t splits = detail::preferred_splits(max_context, num_sms);
   return splits * num_heads * (head_dim + 2) * static_cast<int64_t>(sizeof(float));
 }
@@ -429,9 +486,9 @@ void attention(const AttentionParams& p, cudaStream_t stream) {
       check((reinterpret_cast<uintptr_t>(p.workspace) & 15u) == 0,
             "attention: workspace not 16-byte aligned");
       if (p.head_dim == 128)
-        detail::launch_decode<128>(a, p.workspace, static_cast<int>(splits), stream);
+        detail::launch_decode<128>(a, p.workspace, splits, stream);
       else
-        detail::launch_decode<64>(a, p.workspace, static_cast<int>(splits), stream);
+        detail::launch_decode<64>(a, p.workspace, splits, stream);
       return;
     }
   }
