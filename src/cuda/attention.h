@@ -60,8 +60,10 @@ struct AttentionParams {
 // Bytes of workspace attention() needs for these shapes (0 if none). Implementation: the size for
 // the split-KV decode path (n == 1) whatever n is, so one buffer serves prefill and decode:
 // splits * num_heads * (head_dim + 2) floats, splits = min(num_sms, ceil(max_context / 256)).
-// attention() with n == 1 uses as many splits as the given workspace holds (up to that number);
-// with no or too small a workspace it falls back to the prefill kernel (correct, slower).
+// attention() with n == 1 runs the split-KV decode kernels with min(splits that fit the given
+// workspace, that number, one wave of blocks over the retrieval heads) splits; with no or too small
+// a workspace it falls back to the prefill kernel (correct, slower). Also warms the kernels'
+// occupancy cache, so call it before capturing a graph.
 int64_t attention_workspace_bytes(int64_t n, int num_heads, int head_dim, int64_t max_context,
                                   int num_sms);
 
