@@ -17,14 +17,12 @@
 #include "cli/cli_util.h"
 #include "cli/commands.h"
 #include "core/error.h"
+#include "cli/backend_choice.h"
 #include "core/file_util.h"
 #include "duo/head_pattern.h"
 #include "engine/model.h"
 #include "model/config.h"
 
-#ifdef DUO_HAVE_CUDA
-#include "cuda/cuda_backend.h"
-#endif
 
 namespace duo::cli {
 
@@ -44,7 +42,7 @@ struct BenchArgs {
   int64_t chunk = 32768;
   int64_t decode_steps = 100;
   int64_t warmup_steps = 5;
-  std::string backend = "cuda";
+  std::string backend = "auto";
   uint64_t seed = 0;
   bool json = false;
   CLI::Option* sparsity_opt = nullptr;
@@ -89,35 +87,6 @@ int32_t argmax(const std::vector<float>& x) {
   return static_cast<int32_t>(std::max_element(x.begin(), x.end()) - x.begin());
 }
 
-std::unique_ptr<Backend> make_backend(const std::string& name) {
-  if (name == "cpu") return make_cpu_backend(CpuMode::kFast);
-  if (name == "cuda") {
-#ifdef DUO_HAVE_CUDA
-    check(cuda::device_count() > 0, "--backend cuda: no CUDA device found on this machine");
-    return make_cuda_backend(0);
-#else
-    fail("--backend cuda: this duo was built without CUDA (rebuild with nvcc available)");
-#endif
-  }
-  fail("--backend: expected cpu or cuda, got '", name, "'");
-}
-
-std::string device_name(const std::string& backend) {
-#ifdef DUO_HAVE_CUDA
-  if (backend == "cuda") return cuda::device_name(0);
-#endif
-  (void)backend;
-  return "cpu";
-}
-
-int64_t driver_used_bytes(const std::string& backend) {
-#ifdef DUO_HAVE_CUDA
-  if (backend == "cuda") return cuda::device_memory_used(0);
-#endif
-  (void)backend;
-  return 0;
-}
-
 void run_bench(const BenchArgs& a) {
   using clock = std::chrono::steady_clock;
   check(a.model_dir.empty() != !a.random_weights,
@@ -158,8 +127,9 @@ void run_bench(const BenchArgs& a) {
   }
   const HeadLayout layout = HeadLayout::from_partition(cfg, part);
 
-  auto backend = make_backend(a.backend);
-  const std::string card = device_name(a.backend);
+  const std::string resolved = resolve_backend(a.backend);
+  auto backend = make_backend(resolved);
+  const std::string card = device_name(resolved);
   std::fprintf(stderr, "duo bench: %s on %s; %s; S=%lld R=%lld; realised sparsity %.4f\n",
                cfg.model_type.c_str(), card.c_str(), pattern_desc.c_str(), static_cast<long long>(sink),
                static_cast<long long>(recent), part.sparsity());
@@ -242,7 +212,7 @@ void run_bench(const BenchArgs& a) {
       // needs logit_rows = 1 here): that buffer is part of the peak above.
       max_rows = std::max(max_rows, std::min(a.chunk, N));
       r["logits_scratch_bytes"] = max_rows * cfg.vocab_size * 2;
-      r["device_used_bytes_driver"] = driver_used_bytes(a.backend);
+      r["device_used_bytes_driver"] = driver_used_bytes(resolved);
       std::fprintf(stderr,
                    "  N=%lld: prefill %.3f s (%.0f tok/s), decode %.2f ms/token (median of %lld), "
                    "KV %s (retrieval %s, streaming %s; full attention %s), peak %s\n",
@@ -305,7 +275,7 @@ void add_bench_command(CLI::App& app) {
   sub->add_option("--chunk", a->chunk, "Prefill chunk size (default 32768)");
   sub->add_option("--decode-steps", a->decode_steps, "Timed decode steps (default 100)");
   sub->add_option("--warmup-steps", a->warmup_steps, "Untimed decode steps before them (default 5)");
-  sub->add_option("--backend", a->backend, "cuda (default) or cpu");
+  add_backend_option(sub, a->backend);
   sub->add_option("--seed", a->seed, "Seed of the random weights and tokens (default 0)");
   sub->add_flag("--json", a->json, "Print one JSON object with every number");
   sub->callback([a] { run_bench(*a); });

@@ -48,9 +48,22 @@ struct AttentionParams {
   // Scratch for split-KV decode (may be null for prefill): floats, see attention_workspace_bytes.
   float* workspace;
   int64_t workspace_bytes;
+  // Optional (added at the end, backward compatible): when non-null, every kernel of attention()
+  // and of the append functions reads the chunk start p0 from this device address instead of
+  // from `p0` above, so a captured CUDA graph can be replayed while p0 advances. Launch
+  // configurations never depend on p0 (decode: grid fixed by capacity, workspace and SM count;
+  // empty splits exit early), so the captured graph stays valid. With it set, the host-side check
+  // p0 + n <= capacity is skipped: the caller guarantees it.
+  const int64_t* p0_device = nullptr;
 };
 
-// Bytes of workspace attention() needs for these shapes (0 if none).
+// Bytes of workspace attention() needs for these shapes (0 if none). Implementation: the size for
+// the split-KV decode path (n == 1) whatever n is, so one buffer serves prefill and decode:
+// splits * num_heads * (head_dim + 2) floats, splits = min(num_sms, ceil(max_context / 256)).
+// attention() with n == 1 runs the split-KV decode kernels with min(splits that fit the given
+// workspace, that number, one wave of blocks over the retrieval heads) splits; with no or too small
+// a workspace it falls back to the prefill kernel (correct, slower). Also warms the kernels'
+// occupancy cache, so call it before capturing a graph.
 int64_t attention_workspace_bytes(int64_t n, int num_heads, int head_dim, int64_t max_context,
                                   int num_sms);
 
