@@ -161,7 +161,6 @@ void run_bench(const BenchArgs& a) {
   }
 
   nlohmann::json results = nlohmann::json::array();
-  int64_t max_rows = std::min<int64_t>(512, contexts.front());  // rows of the largest forward so far
   for (const int64_t N : contexts) {
     nlohmann::json r = {{"context", N}};
     try {
@@ -208,10 +207,6 @@ void run_bench(const BenchArgs& a) {
       r["kv_bytes_total"] = kv.total();
       r["kv_bytes_full_attention_bf16"] = full_kv;
       r["peak_device_bytes"] = backend->device_memory_peak();
-      // Model::reserve sizes its logits scratch for every row of the largest forward (it only ever
-      // needs logit_rows = 1 here): that buffer is part of the peak above.
-      max_rows = std::max(max_rows, std::min(a.chunk, N));
-      r["logits_scratch_bytes"] = max_rows * cfg.vocab_size * 2;
       r["device_used_bytes_driver"] = driver_used_bytes(resolved);
       std::fprintf(stderr,
                    "  N=%lld: prefill %.3f s (%.0f tok/s), decode %.2f ms/token (median of %lld), "

@@ -193,7 +193,6 @@ void Model::reserve(int64_t rows) {
   gate_ = b.alloc(rows, c.intermediate_size);
   up_ = b.alloc(rows, c.intermediate_size);
   act_ = b.alloc(rows, c.intermediate_size);
-  logits_ = b.alloc(rows, c.vocab_size);
   reserved_ = rows;
 }
 
@@ -241,6 +240,10 @@ std::vector<float> Model::forward(std::span<const int32_t> tokens, KVCache& cach
   Tensor last = b.view_rows(x_, n - logit_rows, n);
   Tensor last_n = b.view_rows(xn_, 0, logit_rows);
   b.rmsnorm(last, final_norm_, static_cast<float>(c.rms_norm_eps), last_n);
+  if (logit_rows > logits_reserved_) {  // sized by the rows asked for, not by the chunk
+    logits_ = b.alloc(logit_rows, c.vocab_size);
+    logits_reserved_ = logit_rows;
+  }
   Tensor logits = b.view_rows(logits_, 0, logit_rows);
   b.linear(last_n, lm_head_, nullptr, logits);  // [logit_rows, vocab]
   return b.download(logits, 0, logit_rows);

@@ -68,6 +68,7 @@ class Model {
   std::vector<LayerWeights> layers_;
   // Scratch activations, sized for reserved_ rows.
   int64_t reserved_ = 0;
+  int64_t logits_reserved_ = 0;
   Tensor x_, xn_, q_, k_, v_, attn_, proj_, gate_, up_, act_, logits_;
 };
 

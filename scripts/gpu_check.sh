@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# One-call GPU check for the device machine. Two halves:
+#   scripts/gpu_check.sh stage     (here, after `make build`): copies binaries and what they read
+#                                  into .devrun/gpu (git-ignored; carry it)
+#   scripts/gpu_check.sh run       (there, from the repo root): CUDA tests, duo bench full vs
+#                                  DuoAttention, the transformers baseline, needle-in-a-haystack on
+#                                  the demo model; everything lands in $OUT/results/
+set -uo pipefail
+cd "$(dirname "$0")/.."
+G=.devrun/gpu
+if [[ "${1:-}" == "stage" ]]; then
+  rm -rf "$G" && mkdir -p "$G/libs" "$G/patterns"
+  cp build/duo build/duo_cuda_tests "$G/"
+  cp -r tests/fixtures "$G/fixtures"
+  cp -r bench/configs "$G/configs"
+  cp bench/baseline_transformers.py "$G/"
+  cp -r ../shared/patterns/Llama-2-7B-32K-Instruct ../shared/patterns/Llama-3-8B-Instruct-Gradient-1048k "$G/patterns/"
+  for l in libopenblas.so.0 libgfortran.so.5 libquadmath.so.0; do
+    gzip -c "$(readlink -f /lib/x86_64-linux-gnu/$l)" > "$G/libs/$l.gz"
+  done
+  du -sh "$G"
+  exit 0
+fi
+OUT=${OUT:-/tmp/out}
+R=$OUT/results && mkdir -p "$R"
+mkdir -p "$G/lib" && for f in "$G"/libs/*.gz; do gunzip -c "$f" > "$G/lib/$(basename "$f" .gz)"; done
+export LD_LIBRARY_PATH=$PWD/$G/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export DUO_FIXTURES=$PWD/$G/fixtures
+DUO=$PWD/$G/duo
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$R/card.txt"
+git rev-parse HEAD 2>/dev/null | tee "$R/commit.txt"
+step() { echo "== $1 ($(date +%T))"; }
+
+step "CUDA tests"
+timeout 90 "$G/duo_cuda_tests" > "$R/cuda_tests.log" 2>&1; echo "cuda tests rc=$?"
+grep -E "^\[  (PASSED|FAILED) |tests ran" "$R/cuda_tests.log" | tail -8
+
+bench() {  # name, timeout, args...
+  local name=$1 t=$2; shift 2
+  timeout "$t" "$DUO" bench --backend cuda --json "$@" > "$R/$name.json" 2> "$R/$name.err"
+  echo "$name rc=$?"; python3 - "$R/$name.json" <<'PY'
+import json, sys
+try:
+    j = json.load(open(sys.argv[1]))
+except Exception as e:
+    print("  no result:", e); sys.exit()
+for r in j["results"]:
+    print("  N=%d prefill %.2f s decode %.2f ms/tok peak %.1f GB kv %.2f GB" % (
+        r["context"], r["prefill_seconds"], r["decode_ms_per_token_median"],
+        r["peak_device_bytes"] / 1e9, r["kv_bytes_total"] / 1e9))
+PY
+}
+step "duo bench: Llama-2-7B-32K config, full vs published pattern at sparsity 0.75 (S=128, R=256)"
+L2="--random-weights --config $G/configs/llama-2-7b-32k.json --contexts ${L2_CTX:-120000} --chunk 32768 --decode-steps 50"
+bench llama2_full 90 $L2
+bench llama2_duo75 70 $L2 --pattern "$G/patterns/Llama-2-7B-32K-Instruct" --sparsity 0.75
+step "duo bench: Llama-3-8B-1048k config, full vs published pattern at 0.5"
+L3="--random-weights --config $G/configs/llama-3-8b-1048k.json --contexts ${L3_CTX:-32000,131072} --chunk 32768 --decode-steps 50"
+bench llama3_full 90 $L3
+bench llama3_duo50 70 $L3 --pattern "$G/patterns/Llama-3-8B-Instruct-Gradient-1048k" --sparsity 0.5
+step "transformers baseline (sdpa, bf16), Llama-3-8B config at 32K"
+PYTHONUNBUFFERED=1 timeout 70 python3 "$G/baseline_transformers.py" --config "$G/configs/llama-3-8b-1048k.json" \
+  --contexts 32000 --decode-steps 50 > "$R/hf_llama3_32k.json" 2> "$R/hf_llama3_32k.err"; echo "hf rc=$?"
+tail -c 600 "$R/hf_llama3_32k.json"; echo
+
+step "needle in a haystack on models/duo-demo-mha (CUDA backend)"
+python3 - <<'PY'
+import os, random
+random.seed(7)
+d = ".devrun/gpu/pattern-random"; os.makedirs(d, exist_ok=True)
+with open(d + "/full_attention_heads.tsv", "w") as f:
+    for _ in range(8): f.write("\t".join("%.18e" % random.random() for _ in range(4)) + "\n")
+open(d + "/config.json", "w").write('{"sink_size": 64, "recent_size": 256, "method": "random, seed 7"}')
+PY
+N="-m models/duo-demo-mha --haystack data/haystack --lengths 1000,2000,4000,8000,16000 --backend cuda"
+for task in passkey sentence; do
+  timeout 40 "$DUO" niah $N --task $task --json "$R/niah_${task}_full.json" | tail -1
+  timeout 40 "$DUO" niah $N --task $task --streaming-only --sink 64 --recent 256 --json "$R/niah_${task}_streaming.json" | tail -1
+  timeout 40 "$DUO" niah $N --task $task --pattern models/duo-demo-mha/pattern-heuristic --sparsity 0.75 --sink 64 --recent 256 --json "$R/niah_${task}_heuristic75.json" | tail -1
+  timeout 40 "$DUO" niah $N --task $task --pattern .devrun/gpu/pattern-random --sparsity 0.75 --json "$R/niah_${task}_random75.json" | tail -1
+done
+echo "== done ($(date +%T)); pack with: tar -C \$OUT -cf \$OUT/results.tar results"
