@@ -5,6 +5,7 @@
 """
 import argparse
 import json
+import os
 
 import matplotlib
 
@@ -22,7 +23,8 @@ def grid(res):
 def title(res):
     mode = res["attention"]
     if mode == "DuoAttention":
-        mode += f" ({res['rule']}, {res['retrieval_kv_heads']} retrieval KV heads)"
+        name = os.path.basename(os.path.dirname(res["pattern"])) or res["pattern"]
+        mode += f"\n{name}, {res['rule']}, {res['retrieval_kv_heads']} retrieval KV heads"
     elif mode == "streaming only":
         mode += f" (S={res['sink']}, R={res['recent']})"
     return f"{mode}\nmean score {res['mean_score']:.3f}"
