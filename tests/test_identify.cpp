@@ -6,6 +6,7 @@
 #include <random>
 #include <set>
 
+#include "core/error.h"
 #include "duo/head_pattern.h"
 #include "engine/backend.h"
 #include "eval/multi_passkey.h"
@@ -48,6 +49,28 @@ TEST(MultiPasskey, SampleFollowsTheRecipe) {
   EXPECT_GT(s.needle_positions.front(), 1 + 2000 * 5 / 100 - 1);
 }
 
+TEST(MultiPasskey, QaStyleUsesTheDemoModelsFormat) {
+  auto tok = Tokenizer::load(fixture("models/llama3_gqa"));
+  auto hay = haystack_tokens(*tok, "", 3000);
+  std::mt19937_64 rng(1);
+  PasskeyOptions o;
+  o.style = PasskeyStyle::kQa;
+  o.num_passkeys = 4;
+  o.haystack_tokens = 1000;
+  PasskeySample s = make_multi_passkey_sample(*tok, hay, o, rng);
+  ASSERT_EQ(s.passkeys.size(), 4u);
+  const std::string qa = tok->decode(std::span<const int32_t>(s.ids).subspan(static_cast<size_t>(s.label_begin)), true);
+  EXPECT_EQ(qa, "\n\nQuestion: What is the pass key?\nAnswer: " + s.passkeys[0] +
+                    "\n\nQuestion: What is the secret passkey?\nAnswer: " + s.passkeys[1] +
+                    "\n\nQuestion: What is the access code?\nAnswer: " + s.passkeys[2] +
+                    "\n\nQuestion: What is the magic number?\nAnswer: " + s.passkeys[3] + "\n");
+  EXPECT_NE(tok->decode(s.ids, true).find("\nThe pass key is " + s.passkeys[0] + ". Remember it. " + s.passkeys[0] +
+                                          " is the pass key.\n"),
+            std::string::npos);
+  o.num_passkeys = 5;
+  EXPECT_THROW(make_multi_passkey_sample(*tok, hay, o, rng), Error);
+}
+
 // The probe's long-range mass equals the softmax mass outside the window, computed directly.
 TEST(LongRangeProbe, MatchesDirectComputation) {
   const int64_t N = 40, d = 8, heads = 2, S = 3, R = 5, qb = 30;
@@ -65,12 +88,13 @@ TEST(LongRangeProbe, MatchesDirectComputation) {
     probe.recent = R;
     probe.mass.assign(1, 0.0);
     probe.weight.assign(1, 0.0);
+    probe.deviation.assign(1, 0.0);
     be->set_long_range_probe(&probe);
     Tensor q = be->upload(Q.data(), N, heads * d), k = be->upload(K.data(), N, d), v = be->upload(V.data(), N, d);
     Tensor o = be->alloc(N, heads * d);
     be->attention(*cache, 0, q, k, v, heads, o);
     be->set_long_range_probe(nullptr);
-    double want = 0;
+    double want = 0, want_dev = 0;
     for (int64_t t = qb; t < N; ++t)
       for (int64_t h = 0; h < heads; ++h) {
         std::vector<double> s(static_cast<size_t>(t + 1));
@@ -83,7 +107,23 @@ TEST(LongRangeProbe, MatchesDirectComputation) {
         }
         for (double& x : s) sum += (x = std::exp(x - mx));
         for (int64_t j = S; j <= t - R; ++j) want += s[j] / sum;
+        // Output over all keys vs output renormalised over the window (j < S or j > t - R).
+        double wmass = 0, diff = 0, norm = 0;
+        for (int64_t j = 0; j <= t; ++j)
+          if (j < S || j > t - R) wmass += s[j] / sum;
+        for (int64_t e = 0; e < d; ++e) {
+          double full = 0, win = 0;
+          for (int64_t j = 0; j <= t; ++j) {
+            full += s[j] / sum * V[j * d + e];
+            if (j < S || j > t - R) win += s[j] / sum * V[j * d + e];
+          }
+          diff += (full - win / wmass) * (full - win / wmass);
+          norm += full * full;
+        }
+        want_dev += diff / norm;
       }
+    EXPECT_NEAR(probe.deviation[0], want_dev, 1e-3 * want_dev);
+    EXPECT_GT(want_dev, 0.1);
     EXPECT_NEAR(probe.mass[0], want, 1e-4);
     EXPECT_EQ(probe.weight[0], static_cast<double>((N - qb) * heads));
     EXPECT_GT(want, 1.0);  // the test means something: there is mass outside the window

@@ -1,8 +1,9 @@
 // `duo identify`: find retrieval heads and write a pattern in the published format.
-//   --method heuristic: one full-attention forward pass per synthetic multi-passkey sample; a KV
-//   head's score is the attention mass its query heads put, from the question-and-answer block,
-//   on the passkey needles outside the streaming window (sink <= j <= t - recent), normalised to
-//   [0, 1] by the largest score. Heads that look the passkeys up are the retrieval heads.
+//   --method heuristic: one full-attention forward pass per synthetic multi-passkey sample. For each
+//   query of the question-and-answer block and each KV head (its query heads averaged), either
+//   `deviation`: |o_full - o_window|^2 / |o_full|^2, how far the head's output moves when it only
+//   sees sink + recent (a one-pass proxy of the gate objective), or `needle-mass`: the attention
+//   on the passkeys outside the window. Scores are normalised to [0, 1] by the largest.
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -36,6 +37,8 @@ struct IdentifyArgs {
   uint64_t seed = 42;
   int64_t chunk = 4096;
   std::string backend = "cpu";
+  std::string score = "needle-mass";
+  std::string data = "duo";
 };
 
 void identify_heuristic(const IdentifyArgs& a) {
@@ -58,12 +61,15 @@ void identify_heuristic(const IdentifyArgs& a) {
   probe.recent = a.recent;
   probe.mass.assign(static_cast<size_t>(heads), 0.0);
   probe.weight.assign(static_cast<size_t>(heads), 0.0);
+  probe.deviation.assign(static_cast<size_t>(heads), 0.0);
   std::vector<double> score(static_cast<size_t>(heads), 0.0);
   std::mt19937_64 rng(a.seed);
+  const int64_t passkeys = a.data == "qa" ? std::min<int64_t>(a.passkeys, 4) : a.passkeys;  // qa: 4 wordings
   const auto t0 = std::chrono::steady_clock::now();
   for (int64_t s = 0; s < a.samples; ++s) {
     PasskeyOptions po;
-    po.num_passkeys = a.passkeys;
+    po.style = a.data == "qa" ? PasskeyStyle::kQa : PasskeyStyle::kDuo;
+    po.num_passkeys = passkeys;
     po.haystack_tokens =
         a.samples == 1 ? a.ctx_max : a.ctx_min + (a.ctx_max - a.ctx_min) * s / (a.samples - 1);
     PasskeySample sample = make_multi_passkey_sample(*tok, hay, po, rng);
@@ -71,9 +77,10 @@ void identify_heuristic(const IdentifyArgs& a) {
     auto cache = model.make_cache(n, 0, 0, StreamingPrefill::kExact);
     std::fill(probe.mass.begin(), probe.mass.end(), 0.0);
     std::fill(probe.weight.begin(), probe.weight.end(), 0.0);
+    std::fill(probe.deviation.begin(), probe.deviation.end(), 0.0);
     probe.query_begin = sample.label_begin;
     probe.key_ranges.clear();
-    for (size_t k = 0; k < sample.needle_positions.size(); ++k)
+    for (size_t k = 0; a.score == "needle-mass" && k < sample.needle_positions.size(); ++k)
       probe.key_ranges.emplace_back(sample.needle_positions[k], sample.needle_positions[k] + sample.needle_lengths[k]);
     backend->set_long_range_probe(&probe);
     for (int64_t p = 0; p < n; p += a.chunk) {
@@ -81,8 +88,9 @@ void identify_heuristic(const IdentifyArgs& a) {
       model.forward(std::span<const int32_t>(sample.ids.data() + p, static_cast<size_t>(len)), *cache, 0);
     }
     backend->set_long_range_probe(nullptr);
+    const std::vector<double>& stat = a.score == "deviation" ? probe.deviation : probe.mass;
     for (int64_t h = 0; h < heads; ++h)
-      score[h] += probe.weight[h] > 0 ? probe.mass[h] / probe.weight[h] / static_cast<double>(a.samples) : 0.0;
+      score[h] += probe.weight[h] > 0 ? stat[h] / probe.weight[h] / static_cast<double>(a.samples) : 0.0;
     const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::fprintf(stderr, "identify (heuristic): sample %lld/%lld, %lld tokens, %.1f s elapsed\n",
                  static_cast<long long>(s + 1), static_cast<long long>(a.samples), static_cast<long long>(n), el);
@@ -96,10 +104,12 @@ void identify_heuristic(const IdentifyArgs& a) {
   pat.sink_size = a.sink;
   pat.recent_size = a.recent;
   pat.config = {{"method", "heuristic"}, {"model_name", a.model_dir}, {"dataset_name", a.corpus},
-                {"dataset_format", "multiple_passkey"}, {"num_passkeys", a.passkeys}, {"samples", a.samples},
+                {"dataset_format", a.data == "qa" ? "multiple_passkey_qa" : "multiple_passkey"}, {"num_passkeys", passkeys}, {"samples", a.samples},
                 {"context_length_min", a.ctx_min}, {"context_length_max", a.ctx_max}, {"sink_size", a.sink},
                 {"recent_size", a.recent}, {"seed", a.seed},
-                {"score", "mean attention mass from the QA block on the needles outside sink + recent, / max"}};
+                {"score", a.score == "deviation"
+                              ? "mean |o_full - o_window|^2 / |o_full|^2 over the QA block, / max"
+                              : "mean attention mass from the QA block on the needles outside sink + recent, / max"}};
   write_head_pattern(pat, a.out_dir);
   std::printf("wrote %s/full_attention_heads.tsv (%lld layers x %lld KV heads, heuristic scores)\n",
               a.out_dir.c_str(), static_cast<long long>(cfg.num_layers), static_cast<long long>(cfg.num_kv_heads));
@@ -123,6 +133,14 @@ void add_identify_command(CLI::App& app) {
   cmd->add_option("--passkeys", a->passkeys, "Passkeys per sample (default 10)");
   cmd->add_option("--seed", a->seed, "Random seed (default 42)");
   cmd->add_option("--chunk", a->chunk, "Prefill chunk size");
+  cmd->add_option("--score", a->score,
+                  "Heuristic statistic: needle-mass (attention on the passkeys outside the window; default) "
+                  "or deviation (how far a head's output moves when it only sees sink + recent)")
+      ->check(CLI::IsMember({"deviation", "needle-mass"}));
+  cmd->add_option("--data", a->data,
+                  "Synthetic data: duo (section 4: NATO-word passkeys, default) or qa (numeric passkeys in "
+                  "the demo models' Question/Answer format, at most 4 per sample)")
+      ->check(CLI::IsMember({"duo", "qa"}));
   add_backend_option(cmd, a->backend);
   cmd->callback([a] {
     check(a->method == "heuristic",

@@ -6,6 +6,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine/rope.h"
@@ -58,13 +59,15 @@ class KVCache {
 // Attention statistics for heuristic head identification: while set, attention() adds, for every
 // query at position >= query_begin, the probability mass each query head puts on keys outside a
 // streaming window (sink <= j <= t - recent) and inside key_ranges (all keys when it is empty),
-// per (layer, physical KV head).
+// and how far the head's output moves when it only sees the window (relative squared distance
+// between full attention and attention renormalised over the window), per (layer, physical KV head).
 struct LongRangeProbe {
   int64_t query_begin = 0;
   int64_t sink = 0;
   int64_t recent = 0;
   std::vector<std::pair<int64_t, int64_t>> key_ranges;  // [begin, end) position ranges
-  std::vector<double> mass;    // [layers * kv_heads], sums of probabilities
+  std::vector<double> mass;       // [layers * kv_heads], sums of probabilities
+  std::vector<double> deviation;  // [layers * kv_heads], sums of |o_full - o_window|^2 / |o_full|^2
   std::vector<double> weight;  // [layers * kv_heads], number of (query, query head) pairs summed
 };
 

@@ -297,8 +297,8 @@ class CpuBackend final : public Backend {
         sum += x;
       }
       if (probe_ != nullptr && t >= probe_->query_begin) {
-        for (size_t e = 0; e < keys.size(); ++e) record(t, keys[e], scores[e] / sum);
-        probe_->weight[probe_slot_] += 1;
+        probe_row(t, static_cast<int64_t>(keys.size()), d, [&](int64_t e) { return keys[e]; },
+                  [&](int64_t e) { return scores[e] / sum; }, [&](int64_t e) { return src.v(keys[e]); });
       }
       float* o = fp(out) + i * out.cols + h * d;
       std::fill(o, o + d, 0.0f);
@@ -353,8 +353,8 @@ class CpuBackend final : public Backend {
         }
         for (int64_t e = 0; e < nk; ++e) row[e] /= sum;
         if (probe_ != nullptr && t >= probe_->query_begin) {
-          for (int64_t e = 0; e < nk; ++e) record(t, positions_[e], row[e]);
-          probe_->weight[probe_slot_] += 1;
+          probe_row(t, nk, d, [&](int64_t e) { return positions_[e]; }, [&](int64_t e) { return row[e]; },
+                    [&](int64_t e) { return vbuf_.data() + e * d; });
         }
       }
       float* ob = fp(out) + b0 * out.cols + h * d;
@@ -386,11 +386,35 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void record(int64_t t, int64_t j, double p) {
-    if (j < probe_->sink || j > t - probe_->recent) return;
-    bool in = probe_->key_ranges.empty();
-    for (auto [b, e] : probe_->key_ranges) in = in || (j >= b && j < e);
-    if (in) probe_->mass[probe_slot_] += p;
+  // One query row of probabilities over keys pos(e) with values val(e): adds the mass outside the
+  // streaming window (within key_ranges) and the relative squared distance between the full output
+  // and the output renormalised over the window (what a streaming head would return).
+  template <class Pos, class Prob, class Val>
+  void probe_row(int64_t t, int64_t n, int64_t d, Pos pos, Prob prob, Val val) {
+    std::vector<double> full(static_cast<size_t>(d), 0.0), win(static_cast<size_t>(d), 0.0);
+    double win_mass = 0;
+    for (int64_t e = 0; e < n; ++e) {
+      const int64_t j = pos(e);
+      const double p = prob(e);
+      const float* v = val(e);
+      for (int64_t c = 0; c < d; ++c) full[c] += p * v[c];
+      if (j < probe_->sink || j > t - probe_->recent) {
+        win_mass += p;
+        for (int64_t c = 0; c < d; ++c) win[c] += p * v[c];
+        continue;
+      }
+      bool in = probe_->key_ranges.empty();
+      for (auto [b, end] : probe_->key_ranges) in = in || (j >= b && j < end);
+      if (in) probe_->mass[probe_slot_] += p;
+    }
+    double diff = 0, norm = 0;
+    for (int64_t c = 0; c < d; ++c) {
+      const double w = win_mass > 0 ? win[c] / win_mass : 0.0;
+      diff += (full[c] - w) * (full[c] - w);
+      norm += full[c] * full[c];
+    }
+    probe_->deviation[probe_slot_] += diff / std::max(norm, 1e-30);
+    probe_->weight[probe_slot_] += 1;
   }
 
   CpuMode mode_;

@@ -20,7 +20,13 @@ struct PasskeySample {
   std::vector<int64_t> needle_lengths;    // its length in tokens
 };
 
+enum class PasskeyStyle {
+  kDuo,  // section 4: NATO-word passkeys, "Remember this sequence of words..." (the default)
+  kQa,   // numeric passkeys in the demo models' "Question: ...\nAnswer: ..." format (docs/demo_models.md)
+};
+
 struct PasskeyOptions {
+  PasskeyStyle style = PasskeyStyle::kDuo;
   int64_t haystack_tokens = 4000;  // tokens of haystack (the sample is longer by needles + QA)
   int64_t num_passkeys = 10;
   int64_t words_per_passkey = 32;
