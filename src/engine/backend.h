@@ -40,6 +40,10 @@ struct CacheSpec {
   StreamingPrefill prefill = StreamingPrefill::kExact;
 };
 
+// Throws Error unless the spec is usable: positive sizes, one retrieval count per layer within
+// 0..kv_heads, S and R >= 0, and S + R >= 1 when any head is streaming. Every backend calls it.
+void validate_cache_spec(const CacheSpec& spec);
+
 // Bytes of K and V actually allocated (retrieval stores + streaming stores).
 struct CacheBytes {
   int64_t retrieval = 0;

@@ -30,22 +30,11 @@ struct CpuLayerCache {
 class CpuKVCache final : public KVCache {
  public:
   explicit CpuKVCache(const CacheSpec& spec) : spec_(spec) {
-    check(spec.num_layers > 0 && spec.num_kv_heads > 0 && spec.head_dim > 0 && spec.capacity > 0,
-          "kv cache: layers, KV heads, head_dim and capacity must be positive");
-    check(static_cast<int64_t>(spec.num_retrieval.size()) == spec.num_layers,
-          "kv cache: num_retrieval has ", spec.num_retrieval.size(), " entries, expected ",
-          spec.num_layers);
-    check(spec.sink >= 0 && spec.recent >= 0, "kv cache: sink and recent must be >= 0");
-    bool any_streaming = false;
-    for (int64_t r : spec.num_retrieval) any_streaming |= r < spec.num_kv_heads;
-    check(!any_streaming || spec.sink + spec.recent > 0,
-          "kv cache: streaming heads need sink + recent >= 1 (both are 0)");
+    validate_cache_spec(spec);
     layers_.resize(static_cast<size_t>(spec.num_layers));
     for (int64_t l = 0; l < spec.num_layers; ++l) {
       CpuLayerCache& c = layers_[l];
       c.num_retrieval = spec.num_retrieval[l];
-      check(c.num_retrieval >= 0 && c.num_retrieval <= spec.num_kv_heads, "kv cache: layer ", l,
-            " has ", c.num_retrieval, " retrieval heads, expected 0..", spec.num_kv_heads);
       c.num_streaming = spec.num_kv_heads - c.num_retrieval;
       const size_t rn = static_cast<size_t>(c.num_retrieval * spec.capacity * spec.head_dim);
       const int64_t slots = std::min(spec.capacity, spec.sink + spec.recent);
