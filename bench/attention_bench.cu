@@ -162,31 +162,36 @@ int main(int argc, char** argv) {
     const double ms = prefill_ms(n, kHkv, reps);
     if (n == 32768) full32 = ms;
     const double flops = 4.0 * static_cast<double>(n) * n / 2 * kD * kH;
-    std::printf("{\"impl\": \"duo\", \"bench\": \"prefill_causal\", \"n\": %lld, \"ms\": %.4f, "
-                "\"tflops\": %.1f}\n",
-                static_cast<long long>(n), ms, flops / ms / 1e9);
+    std::printf(
+        "{\"impl\": \"duo\", \"bench\": \"prefill_causal\", \"n\": %lld, \"ms\": %.4f, "
+        "\"tflops\": %.1f}\n",
+        static_cast<long long>(n), ms, flops / ms / 1e9);
     std::fflush(stdout);
   }
   for (int64_t ctx : {131072LL, 524288LL}) {
     for (int nr : {kHkv, kHkv / 2}) {
       const double ms = decode_ms(ctx, nr, prop.multiProcessorCount, reps);
-      const double bytes = 2.0 * kD * 2 * (static_cast<double>(nr) * ctx +
-                                           static_cast<double>(kHkv - nr) * std::min<int64_t>(ctx, 385));
-      std::printf("{\"impl\": \"duo\", \"bench\": \"decode\", \"ctx\": %lld, \"retrieval_kv_heads\": %d, "
-                  "\"ms\": %.4f, \"kv_bytes\": %.0f, \"gbps\": %.1f}\n",
-                  static_cast<long long>(ctx), nr, ms, bytes, bytes / ms / 1e6);
+      const double bytes = 2.0 * kD * 2 *
+                           (static_cast<double>(nr) * ctx +
+                            static_cast<double>(kHkv - nr) * std::min<int64_t>(ctx, 385));
+      std::printf(
+          "{\"impl\": \"duo\", \"bench\": \"decode\", \"ctx\": %lld, \"retrieval_kv_heads\": %d, "
+          "\"ms\": %.4f, \"kv_bytes\": %.0f, \"gbps\": %.1f}\n",
+          static_cast<long long>(ctx), nr, ms, bytes, bytes / ms / 1e6);
       std::fflush(stdout);
     }
   }
   if (!quick && !decode_only) {
     const double ms = prefill_ms(32768, 0, reps);
-    std::printf("{\"impl\": \"duo\", \"bench\": \"prefill_streaming_only\", \"n\": 32768, \"S\": 128, "
-                "\"R\": 256, \"ms\": %.4f, \"full_ms\": %.4f, \"speedup\": %.2f}\n",
-                ms, full32, full32 / ms);
+    std::printf(
+        "{\"impl\": \"duo\", \"bench\": \"prefill_streaming_only\", \"n\": 32768, \"S\": 128, "
+        "\"R\": 256, \"ms\": %.4f, \"full_ms\": %.4f, \"speedup\": %.2f}\n",
+        ms, full32, full32 / ms);
     const double half = prefill_ms(32768, kHkv / 2, reps);
-    std::printf("{\"impl\": \"duo\", \"bench\": \"prefill_half_retrieval\", \"n\": 32768, \"ms\": %.4f, "
-                "\"speedup_vs_full\": %.2f}\n",
-                half, full32 / half);
+    std::printf(
+        "{\"impl\": \"duo\", \"bench\": \"prefill_half_retrieval\", \"n\": 32768, \"ms\": %.4f, "
+        "\"speedup_vs_full\": %.2f}\n",
+        half, full32 / half);
   }
   return 0;
 }

@@ -35,8 +35,9 @@ TEST(CliBench, CpuRandomWeightsJson) {
 }
 
 TEST(CliBench, StreamingOnlyUsesConstantCache) {
-  auto r = run_duo("bench --backend cpu --random-weights --config " + kConfig +
-                   " --contexts 30,90 --decode-steps 2 --streaming-only --sink 2 --recent 6 --json");
+  auto r =
+      run_duo("bench --backend cpu --random-weights --config " + kConfig +
+              " --contexts 30,90 --decode-steps 2 --streaming-only --sink 2 --recent 6 --json");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const auto j = nlohmann::json::parse(r.out);
   EXPECT_EQ(j["sparsity_realised"], 1.0);
@@ -54,7 +55,8 @@ TEST(CliBench, BadArgumentsFailClearly) {
   r = run_duo("bench --backend tpu --random-weights --config " + kConfig + " --contexts 10");
   EXPECT_NE(r.exit_code, 0);  // rejected by the flag parser
   EXPECT_NE(r.err.find("--backend"), std::string::npos) << r.err;
-  r = run_duo("bench --backend cpu --random-weights --config " + kConfig + " --contexts 10 --pattern " +
+  r = run_duo("bench --backend cpu --random-weights --config " + kConfig +
+              " --contexts 10 --pattern " +
               fixture("patterns/Llama-3-8B-Instruct-Gradient-1048k").string());
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("does not match"), std::string::npos) << r.err;

@@ -13,7 +13,9 @@ namespace {
 using testing::fixture;
 using testing::run_duo;
 
-std::string model(const std::string& name) { return fixture("models/" + name).string(); }
+std::string model(const std::string& name) {
+  return fixture("models/" + name).string();
+}
 
 TEST(CliRun, GreedyTextMatchesTransformersEndToEnd) {
   for (const char* name : {"llama_mha_linear", "llama3_gqa", "mistral_gqa", "qwen2_bias_tied"}) {
@@ -22,7 +24,8 @@ TEST(CliRun, GreedyTextMatchesTransformersEndToEnd) {
                      "' -n 16 --ignore-eos --json");
     ASSERT_EQ(r.exit_code, 0) << r.err;
     auto j = nlohmann::json::parse(r.out);
-    EXPECT_EQ(j["prompt_tokens"].get<int64_t>(), static_cast<int64_t>(g["prompt_ids"].size())) << name;
+    EXPECT_EQ(j["prompt_tokens"].get<int64_t>(), static_cast<int64_t>(g["prompt_ids"].size()))
+        << name;
     EXPECT_EQ(j["tokens"], g["continuation"]) << name;
     EXPECT_EQ(j["text"], g["text"]) << name;
     EXPECT_EQ(j["attention"], "full attention");
@@ -32,14 +35,16 @@ TEST(CliRun, GreedyTextMatchesTransformersEndToEnd) {
 
 TEST(CliRun, StreamsTextAndSummarises) {
   auto g = read_json_file(fixture("models/llama3_gqa/golden.json"))["text_greedy"];
-  auto r = run_duo("run -m " + model("llama3_gqa") + " -p '" + g["prompt"].get<std::string>() + "' -n 16 --ignore-eos");
+  auto r = run_duo("run -m " + model("llama3_gqa") + " -p '" + g["prompt"].get<std::string>() +
+                   "' -n 16 --ignore-eos");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(r.out, g["text"].get<std::string>() + "\n");
   EXPECT_NE(r.err.find("KV"), std::string::npos);
 }
 
 TEST(CliRun, PatternReportsKvBytesAndSparsity) {
-  auto r = run_duo("run -m " + model("llama_mha_linear") + " -p 'hello there' -n 8 -c 64 --json --pattern " +
+  auto r = run_duo("run -m " + model("llama_mha_linear") +
+                   " -p 'hello there' -n 8 -c 64 --json --pattern " +
                    fixture("patterns/fixtures/llama_mha_linear").string() + " --sparsity 0.5");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   auto j = nlohmann::json::parse(r.out);
@@ -51,7 +56,8 @@ TEST(CliRun, PatternReportsKvBytesAndSparsity) {
   // 2 layers, head_dim 16, fp32 on the CPU: 4 retrieval heads x 64 tokens + 4 streaming x (4 + 8).
   EXPECT_EQ(j["kv_bytes"]["total"], 2 * 16 * 4 * (4 * 64 + 4 * 12));
   EXPECT_EQ(j["kv_bytes"]["full_attention"], 2 * 16 * 4 * 8 * 64);
-  auto s = run_duo("run -m " + model("llama_mha_linear") + " -p 'hello there' -n 8 --json --streaming-only --sink 2 --recent 3");
+  auto s = run_duo("run -m " + model("llama_mha_linear") +
+                   " -p 'hello there' -n 8 --json --streaming-only --sink 2 --recent 3");
   ASSERT_EQ(s.exit_code, 0) << s.err;
   auto js = nlohmann::json::parse(s.out);
   EXPECT_EQ(js["attention"], "streaming only");
@@ -92,17 +98,22 @@ TEST(CliRun, BadInputGivesOneClearError) {
       {"run -m " + m + " -p ''", "empty prompt"},
       {"run -m " + m, "empty prompt"},
       {"run -m " + m + " -f /no/such/file.txt", "/no/such/file.txt: file not found"},
-      {"run -m " + m + " -p 'a long prompt with many words in it' -c 3", "longer than the context length -c 3"},
+      {"run -m " + m + " -p 'a long prompt with many words in it' -c 3",
+       "longer than the context length -c 3"},
       {"run -m " + m + " -p hi -n 100 -c 20", "exceeds the context length -c 20"},
       {"run -m " + m + " -p hi --temp -1", "--temp must be >= 0"},
       {"run -m " + m + " -p hi --top-p 0", "--top-p must be in (0, 1]"},
       {"run -m " + m + " -p hi --chunk 0", "--chunk must be positive"},
-      {"run -m " + m + " -p hi --pattern " + pat + " --sparsity 1.5", "--sparsity must be in [0, 1]"},
-      {"run -m " + m + " -p hi --pattern " + pat + " --sparsity -0.1", "--sparsity must be in [0, 1]"},
+      {"run -m " + m + " -p hi --pattern " + pat + " --sparsity 1.5",
+       "--sparsity must be in [0, 1]"},
+      {"run -m " + m + " -p hi --pattern " + pat + " --sparsity -0.1",
+       "--sparsity must be in [0, 1]"},
       {"run -m " + m + " -p hi --pattern " + pat + " --sink -1", "--sink must be >= 0"},
       {"run -m " + m + " -p hi --pattern " + pat + " --recent -5", "--recent must be >= 0"},
-      {"run -m " + m + " -p hi --pattern " + pat + " --sparsity 0.5 --threshold 0.5", "either --sparsity or --threshold"},
-      {"run -m " + m + " -p hi --pattern " + fixture("patterns/Llama-2-7B-32K-Instruct").string(), "shape 32x32"},
+      {"run -m " + m + " -p hi --pattern " + pat + " --sparsity 0.5 --threshold 0.5",
+       "either --sparsity or --threshold"},
+      {"run -m " + m + " -p hi --pattern " + fixture("patterns/Llama-2-7B-32K-Instruct").string(),
+       "shape 32x32"},
       {"run -m " + m + " -p hi --pattern /no/such/pattern", "/no/such/pattern"},
       {"run -m " + m + " -p hi --streaming-only --sink 0 --recent 0", "--sink + --recent >= 1"},
       {"info -m /no/such/model", "/no/such/model: model directory not found"},

@@ -25,8 +25,8 @@ using MaskFn = std::function<bool(int64_t, int64_t, int64_t, int64_t)>;
 
 // A deliberately plain transformer: all positions at once, doubles, no cache, heads in the
 // checkpoint's original order. Shares only the RoPE frequency table with the engine.
-std::vector<double> naive_logits(const std::filesystem::path& dir, const std::vector<int32_t>& tokens,
-                                 const MaskFn& mask) {
+std::vector<double> naive_logits(const std::filesystem::path& dir,
+                                 const std::vector<int32_t>& tokens, const MaskFn& mask) {
   const ModelConfig c = ModelConfig::load(dir);
   const WeightStore ws = WeightStore::open(dir);
   const int64_t n = static_cast<int64_t>(tokens.size()), H = c.hidden_size, d = c.head_dim;
@@ -35,7 +35,8 @@ std::vector<double> naive_logits(const std::filesystem::path& dir, const std::ve
     auto f = ws.load_f32(name, shape);
     return std::vector<double>(f.begin(), f.end());
   };
-  auto matvec = [](const std::vector<double>& w, const std::vector<double>& x, int64_t rows, int64_t cols) {
+  auto matvec = [](const std::vector<double>& w, const std::vector<double>& x, int64_t rows,
+                   int64_t cols) {
     std::vector<double> y(static_cast<size_t>(rows), 0.0);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t k = 0; k < cols; ++k) y[r] += w[r * cols + k] * x[k];
@@ -62,12 +63,16 @@ std::vector<double> naive_logits(const std::filesystem::path& dir, const std::ve
   };
   auto emb = W("model.embed_tokens.weight", {c.vocab_size, H});
   std::vector<std::vector<double>> x(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) x[i].assign(emb.begin() + tokens[i] * H, emb.begin() + (tokens[i] + 1) * H);
+  for (int64_t i = 0; i < n; ++i)
+    x[i].assign(emb.begin() + tokens[i] * H, emb.begin() + (tokens[i] + 1) * H);
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
-    auto ln1 = W(p + "input_layernorm.weight", {H}), ln2 = W(p + "post_attention_layernorm.weight", {H});
-    auto wq = W(p + "self_attn.q_proj.weight", {nq * d, H}), wk = W(p + "self_attn.k_proj.weight", {nkv * d, H});
-    auto wv = W(p + "self_attn.v_proj.weight", {nkv * d, H}), wo = W(p + "self_attn.o_proj.weight", {H, nq * d});
+    auto ln1 = W(p + "input_layernorm.weight", {H}),
+         ln2 = W(p + "post_attention_layernorm.weight", {H});
+    auto wq = W(p + "self_attn.q_proj.weight", {nq * d, H}),
+         wk = W(p + "self_attn.k_proj.weight", {nkv * d, H});
+    auto wv = W(p + "self_attn.v_proj.weight", {nkv * d, H}),
+         wo = W(p + "self_attn.o_proj.weight", {H, nq * d});
     std::vector<double> bq(nq * d, 0.0), bk(nkv * d, 0.0), bv(nkv * d, 0.0);
     if (c.qkv_bias) {
       bq = W(p + "self_attn.q_proj.bias", {nq * d});
@@ -136,15 +141,16 @@ std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed) {
 }
 
 // Runs the engine over tokens in prefill chunks of `chunk`; logits of every position.
-std::vector<float> engine_logits(const std::filesystem::path& dir, Backend& be, const HeadLayout& layout,
-                                 const std::vector<int32_t>& tokens, int64_t chunk, int64_t S, int64_t R,
-                                 StreamingPrefill mode) {
+std::vector<float> engine_logits(const std::filesystem::path& dir, Backend& be,
+                                 const HeadLayout& layout, const std::vector<int32_t>& tokens,
+                                 int64_t chunk, int64_t S, int64_t R, StreamingPrefill mode) {
   Model m(dir, be, layout);
   auto cache = m.make_cache(static_cast<int64_t>(tokens.size()), S, R, mode);
   std::vector<float> out;
   for (size_t p = 0; p < tokens.size(); p += static_cast<size_t>(chunk)) {
     const size_t len = std::min(static_cast<size_t>(chunk), tokens.size() - p);
-    auto l = m.forward(std::span<const int32_t>(tokens.data() + p, len), *cache, static_cast<int64_t>(len));
+    auto l = m.forward(std::span<const int32_t>(tokens.data() + p, len), *cache,
+                       static_cast<int64_t>(len));
     out.insert(out.end(), l.begin(), l.end());
   }
   return out;
@@ -185,11 +191,13 @@ TEST(DuoAttention, AllRetrievalPatternEqualsFullAttentionBitwise) {
   pat.num_kv_heads = c.num_kv_heads;
   pat.gates.assign(static_cast<size_t>(c.num_layers * c.num_kv_heads), 1.0);
   const auto tokens = random_tokens(50, c.vocab_size, 1);
-  auto full = engine_logits(dir, *be, HeadLayout::all_retrieval(c), tokens, 50, 0, 0, StreamingPrefill::kExact);
-  auto duo = engine_logits(dir, *be, HeadLayout::from_partition(c, binarize_by_sparsity(pat, 0.0)), tokens, 7, 4, 8,
-                           StreamingPrefill::kExact);
+  auto full = engine_logits(dir, *be, HeadLayout::all_retrieval(c), tokens, 50, 0, 0,
+                            StreamingPrefill::kExact);
+  auto duo = engine_logits(dir, *be, HeadLayout::from_partition(c, binarize_by_sparsity(pat, 0.0)),
+                           tokens, 7, 4, 8, StreamingPrefill::kExact);
   EXPECT_EQ(full, duo);
-  auto naive = naive_logits(dir, tokens, [](int64_t, int64_t, int64_t t, int64_t j) { return j <= t; });
+  auto naive =
+      naive_logits(dir, tokens, [](int64_t, int64_t, int64_t t, int64_t j) { return j <= t; });
   EXPECT_LE(max_diff(full, naive), tolerances::kLogitsVsTransformers);
 }
 
@@ -204,7 +212,8 @@ TEST(DuoAttention, AllStreamingEqualsStreamingLlmReference) {
     });
     for (CpuMode mode : {CpuMode::kReference, CpuMode::kFast}) {
       auto be = make_cpu_backend(mode);
-      HeadLayout layout = HeadLayout::from_partition(c, all_streaming(c.num_layers, c.num_kv_heads));
+      HeadLayout layout =
+          HeadLayout::from_partition(c, all_streaming(c.num_layers, c.num_kv_heads));
       auto got = engine_logits(dir, *be, layout, tokens, 40, S, R, StreamingPrefill::kExact);
       EXPECT_LE(max_diff(got, naive), tolerances::kLogitsVsTransformers) << name;
     }
@@ -221,7 +230,8 @@ TEST(DuoAttention, MixedPatternEqualsNaivePerHeadMasks) {
     auto naive = naive_logits(dir, tokens, duo_mask(p, S, R));
     for (CpuMode mode : {CpuMode::kReference, CpuMode::kFast}) {
       auto be = make_cpu_backend(mode);
-      auto got = engine_logits(dir, *be, HeadLayout::from_partition(c, p), tokens, 33, S, R, StreamingPrefill::kExact);
+      auto got = engine_logits(dir, *be, HeadLayout::from_partition(c, p), tokens, 33, S, R,
+                               StreamingPrefill::kExact);
       EXPECT_LE(max_diff(got, naive), tolerances::kLogitsVsTransformers) << name;
     }
   }
@@ -236,7 +246,8 @@ TEST(DuoAttention, TokenExactIsChunkSizeInvariant) {
   auto ref = make_cpu_backend(CpuMode::kReference);
   auto whole = engine_logits(dir, *ref, layout, tokens, 150, 4, 16, StreamingPrefill::kExact);
   for (int64_t chunk : {1, 7, 64}) {
-    EXPECT_EQ(engine_logits(dir, *ref, layout, tokens, chunk, 4, 16, StreamingPrefill::kExact), whole)
+    EXPECT_EQ(engine_logits(dir, *ref, layout, tokens, chunk, 4, 16, StreamingPrefill::kExact),
+              whole)
         << "reference path, chunk " << chunk;
   }
   auto fast = make_cpu_backend(CpuMode::kFast);
@@ -259,13 +270,16 @@ TEST(DuoAttention, ChunkModeMatchesReleaseSemantics) {
   });
   for (CpuMode mode : {CpuMode::kReference, CpuMode::kFast}) {
     auto be = make_cpu_backend(mode);
-    auto got = engine_logits(dir, *be, HeadLayout::from_partition(c, p), tokens, chunk, S, R, StreamingPrefill::kChunk);
+    auto got = engine_logits(dir, *be, HeadLayout::from_partition(c, p), tokens, chunk, S, R,
+                             StreamingPrefill::kChunk);
     EXPECT_LE(max_diff(got, naive), tolerances::kLogitsVsTransformers);
   }
   // Chunk mode depends on the chunk size (that is the release's flaw): 16 vs 45 differ.
   auto be = make_cpu_backend(CpuMode::kReference);
-  EXPECT_NE(engine_logits(dir, *be, HeadLayout::from_partition(c, p), tokens, 45, S, R, StreamingPrefill::kChunk),
-            engine_logits(dir, *be, HeadLayout::from_partition(c, p), tokens, 16, S, R, StreamingPrefill::kChunk));
+  EXPECT_NE(engine_logits(dir, *be, HeadLayout::from_partition(c, p), tokens, 45, S, R,
+                          StreamingPrefill::kChunk),
+            engine_logits(dir, *be, HeadLayout::from_partition(c, p), tokens, 16, S, R,
+                          StreamingPrefill::kChunk));
 }
 
 TEST(DuoAttention, OutputsDoNotDependOnPhysicalHeadOrder) {
@@ -279,7 +293,8 @@ TEST(DuoAttention, OutputsDoNotDependOnPhysicalHeadOrder) {
       std::reverse(o.kv_order.begin() + o.num_retrieval, o.kv_order.end());
       o.q_order.clear();
       for (int32_t g : o.kv_order)
-        for (int64_t i = 0; i < c.group_size(); ++i) o.q_order.push_back(static_cast<int32_t>(g * c.group_size() + i));
+        for (int64_t i = 0; i < c.group_size(); ++i)
+          o.q_order.push_back(static_cast<int32_t>(g * c.group_size() + i));
     }
     auto be = make_cpu_backend(CpuMode::kReference);
     const auto tokens = random_tokens(30, c.vocab_size, 6);
@@ -292,7 +307,8 @@ TEST(DuoAttention, OutputsDoNotDependOnPhysicalHeadOrder) {
 
 // Op level: one layer, one KV head streaming, random q/k/v; every output row must equal a softmax
 // over concat(K[:S], K[t-R+1..t]) written out directly. Mixed chunk sizes exercise the ring.
-void check_streaming_op(int64_t N, int64_t S, int64_t R, std::vector<int64_t> chunks, CpuMode mode) {
+void check_streaming_op(int64_t N, int64_t S, int64_t R, std::vector<int64_t> chunks,
+                        CpuMode mode) {
   SCOPED_TRACE("N=" + std::to_string(N) + " S=" + std::to_string(S) + " R=" + std::to_string(R));
   const int64_t d = 8, heads = 2;  // GQA 2:1 on one KV head
   auto be = make_cpu_backend(mode);
@@ -369,10 +385,14 @@ TEST(DuoAttention, AllocatedBytesEqualFormula) {
 
 TEST(DuoAttention, CacheRejectsBadShapes) {
   auto be = make_cpu_backend(CpuMode::kReference);
-  EXPECT_THROW(be->create_cache(CacheSpec{1, 2, 8, 10, {1}, 0, 0, StreamingPrefill::kExact}), Error);
-  EXPECT_THROW(be->create_cache(CacheSpec{1, 2, 8, 10, {3}, 1, 1, StreamingPrefill::kExact}), Error);
-  EXPECT_THROW(be->create_cache(CacheSpec{1, 2, 8, 10, {1}, -1, 4, StreamingPrefill::kExact}), Error);
-  EXPECT_THROW(be->create_cache(CacheSpec{2, 2, 8, 10, {1}, 1, 4, StreamingPrefill::kExact}), Error);
+  EXPECT_THROW(be->create_cache(CacheSpec{1, 2, 8, 10, {1}, 0, 0, StreamingPrefill::kExact}),
+               Error);
+  EXPECT_THROW(be->create_cache(CacheSpec{1, 2, 8, 10, {3}, 1, 1, StreamingPrefill::kExact}),
+               Error);
+  EXPECT_THROW(be->create_cache(CacheSpec{1, 2, 8, 10, {1}, -1, 4, StreamingPrefill::kExact}),
+               Error);
+  EXPECT_THROW(be->create_cache(CacheSpec{2, 2, 8, 10, {1}, 1, 4, StreamingPrefill::kExact}),
+               Error);
 }
 
 }  // namespace

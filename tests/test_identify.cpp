@@ -26,10 +26,10 @@ TEST(MultiPasskey, SampleFollowsTheRecipe) {
   o.haystack_tokens = 2000;
   PasskeySample s = make_multi_passkey_sample(*tok, hay, o, rng);
   ASSERT_EQ(s.passkeys.size(), 10u);
-  const std::set<std::string> nato = {"alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel",
-                                      "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa",
-                                      "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey",
-                                      "xray", "yankee", "zulu"};
+  const std::set<std::string> nato = {
+      "alpha",  "bravo", "charlie", "delta",  "echo",     "foxtrot", "golf",   "hotel",  "india",
+      "juliet", "kilo",  "lima",    "mike",   "november", "oscar",   "papa",   "quebec", "romeo",
+      "sierra", "tango", "uniform", "victor", "whiskey",  "xray",    "yankee", "zulu"};
   for (const auto& k : s.passkeys) {
     std::istringstream is(k);
     std::string w;
@@ -41,8 +41,14 @@ TEST(MultiPasskey, SampleFollowsTheRecipe) {
     EXPECT_EQ(count, 32);
   }
   EXPECT_TRUE(std::is_sorted(s.needle_positions.begin(), s.needle_positions.end()));
-  const std::string qa = tok->decode(std::span<const int32_t>(s.ids).subspan(static_cast<size_t>(s.label_begin)), true);
-  EXPECT_EQ(qa.rfind("Based on the content of the book, what is the first passkey to the vault?\nPasskey: " + s.passkeys[0], 0), 0u);
+  const std::string qa = tok->decode(
+      std::span<const int32_t>(s.ids).subspan(static_cast<size_t>(s.label_begin)), true);
+  EXPECT_EQ(
+      qa.rfind(
+          "Based on the content of the book, what is the first passkey to the vault?\nPasskey: " +
+              s.passkeys[0],
+          0),
+      0u);
   const std::string all = tok->decode(s.ids, true);
   EXPECT_NE(all.find("it's the tenth passkey to the vault: " + s.passkeys[9]), std::string::npos);
   // Needles lie between 5% and 95% of the haystack.
@@ -59,13 +65,15 @@ TEST(MultiPasskey, QaStyleUsesTheDemoModelsFormat) {
   o.haystack_tokens = 1000;
   PasskeySample s = make_multi_passkey_sample(*tok, hay, o, rng);
   ASSERT_EQ(s.passkeys.size(), 4u);
-  const std::string qa = tok->decode(std::span<const int32_t>(s.ids).subspan(static_cast<size_t>(s.label_begin)), true);
+  const std::string qa = tok->decode(
+      std::span<const int32_t>(s.ids).subspan(static_cast<size_t>(s.label_begin)), true);
   EXPECT_EQ(qa, "\n\nQuestion: What is the pass key?\nAnswer: " + s.passkeys[0] +
                     "\n\nQuestion: What is the secret passkey?\nAnswer: " + s.passkeys[1] +
                     "\n\nQuestion: What is the access code?\nAnswer: " + s.passkeys[2] +
                     "\n\nQuestion: What is the magic number?\nAnswer: " + s.passkeys[3] + "\n");
-  EXPECT_NE(tok->decode(s.ids, true).find("\nThe pass key is " + s.passkeys[0] + ". Remember it. " + s.passkeys[0] +
-                                          " is the pass key.\n"),
+  EXPECT_NE(tok->decode(s.ids, true)
+                .find("\nThe pass key is " + s.passkeys[0] + ". Remember it. " + s.passkeys[0] +
+                      " is the pass key.\n"),
             std::string::npos);
   o.num_passkeys = 5;
   EXPECT_THROW(make_multi_passkey_sample(*tok, hay, o, rng), Error);
@@ -90,7 +98,8 @@ TEST(LongRangeProbe, MatchesDirectComputation) {
     probe.weight.assign(1, 0.0);
     probe.deviation.assign(1, 0.0);
     be->set_long_range_probe(&probe);
-    Tensor q = be->upload(Q.data(), N, heads * d), k = be->upload(K.data(), N, d), v = be->upload(V.data(), N, d);
+    Tensor q = be->upload(Q.data(), N, heads * d), k = be->upload(K.data(), N, d),
+           v = be->upload(V.data(), N, d);
     Tensor o = be->alloc(N, heads * d);
     be->attention(*cache, 0, q, k, v, heads, o);
     be->set_long_range_probe(nullptr);
@@ -133,8 +142,9 @@ TEST(LongRangeProbe, MatchesDirectComputation) {
 TEST(Identify, HeuristicWritesAPattern) {
   testing::TempDir t("identify");
   const std::string corpus = (testing::source_dir() / "data/haystack").string();
-  auto r = testing::run_duo("identify --method heuristic -m " + fixture("models/llama3_gqa").string() +
-                            " --corpus " + corpus + " --samples 2 --ctx-min 150 --ctx-max 300 --sink 4 --recent 16 -o " +
+  auto r = testing::run_duo("identify --method heuristic -m " +
+                            fixture("models/llama3_gqa").string() + " --corpus " + corpus +
+                            " --samples 2 --ctx-min 150 --ctx-max 300 --sink 4 --recent 16 -o " +
                             (t / "pat").string());
   ASSERT_EQ(r.exit_code, 0) << r.err;
   HeadPattern p = load_head_pattern(t / "pat");
@@ -143,8 +153,8 @@ TEST(Identify, HeuristicWritesAPattern) {
   EXPECT_EQ(*std::max_element(p.gates.begin(), p.gates.end()), 1.0);
   EXPECT_EQ(p.sink_size, 4);
   EXPECT_EQ(p.config["method"], "heuristic");
-  auto gate = testing::run_duo("identify -m " + fixture("models/llama3_gqa").string() + " --corpus " + corpus +
-                               " -o " + (t / "p2").string());
+  auto gate = testing::run_duo("identify -m " + fixture("models/llama3_gqa").string() +
+                               " --corpus " + corpus + " -o " + (t / "p2").string());
   EXPECT_NE(gate.exit_code, 0);
   EXPECT_NE(gate.err.find("not implemented yet"), std::string::npos) << gate.err;
 }

@@ -25,7 +25,9 @@ void expect_error(Fn&& fn, std::initializer_list<std::string> fragments) {
     fn();
     ADD_FAILURE() << "expected duo::Error";
   } catch (const Error& e) {
-    for (const auto& f : fragments) EXPECT_NE(std::string(e.what()).find(f), std::string::npos) << "message: " << e.what() << "\nmissing: " << f;
+    for (const auto& f : fragments)
+      EXPECT_NE(std::string(e.what()).find(f), std::string::npos)
+          << "message: " << e.what() << "\nmissing: " << f;
   }
 }
 
@@ -34,7 +36,8 @@ nlohmann::json base_config() {
 }
 
 TEST(Config, ParsesAllFixtures) {
-  for (const char* name : {"llama_mha_linear", "llama3_gqa", "mistral_gqa", "qwen2_bias_tied", "llama_dynamic", "llama_yarn"}) {
+  for (const char* name : {"llama_mha_linear", "llama3_gqa", "mistral_gqa", "qwen2_bias_tied",
+                           "llama_dynamic", "llama_yarn"}) {
     const auto dir = fixture(std::string("models/") + name);
     ModelConfig c = ModelConfig::load(dir);
     auto golden = read_json_file(dir / "golden.json");
@@ -59,8 +62,11 @@ TEST(Config, LegacyRopeScalingEqualsRopeParameters) {
   nlohmann::json v4 = v5;
   v4.erase("rope_parameters");
   v4["rope_theta"] = 500000.0;
-  v4["rope_scaling"] = {{"type", "llama3"}, {"factor", 8.0}, {"low_freq_factor", 1.0},
-                        {"high_freq_factor", 4.0}, {"original_max_position_embeddings", 64}};
+  v4["rope_scaling"] = {{"type", "llama3"},
+                        {"factor", 8.0},
+                        {"low_freq_factor", 1.0},
+                        {"high_freq_factor", 4.0},
+                        {"original_max_position_embeddings", 64}};
   ModelConfig a = ModelConfig::from_json(v5, "v5"), b = ModelConfig::from_json(v4, "v4");
   EXPECT_EQ(a.rope_theta, b.rope_theta);
   EXPECT_EQ(a.rope.type, b.rope.type);
@@ -73,23 +79,28 @@ TEST(Config, LegacyRopeScalingEqualsRopeParameters) {
 TEST(Config, BadInput) {
   auto j = base_config();
   j["model_type"] = "gpt_neox";
-  expect_error([&] { ModelConfig::from_json(j, "config.json"); }, {"config.json", "model_type", "gpt_neox"});
+  expect_error([&] { ModelConfig::from_json(j, "config.json"); },
+               {"config.json", "model_type", "gpt_neox"});
   j = base_config();
   j.erase("hidden_size");
-  expect_error([&] { ModelConfig::from_json(j, "config.json"); }, {"config.json", "hidden_size", "missing"});
+  expect_error([&] { ModelConfig::from_json(j, "config.json"); },
+               {"config.json", "hidden_size", "missing"});
   j = base_config();
   j["num_attention_heads"] = "four";
-  expect_error([&] { ModelConfig::from_json(j, "config.json"); }, {"num_attention_heads", "integer"});
+  expect_error([&] { ModelConfig::from_json(j, "config.json"); },
+               {"num_attention_heads", "integer"});
   j = base_config();
   j["num_key_value_heads"] = 3;
-  expect_error([&] { ModelConfig::from_json(j, "config.json"); }, {"multiple of num_key_value_heads"});
+  expect_error([&] { ModelConfig::from_json(j, "config.json"); },
+               {"multiple of num_key_value_heads"});
   j = base_config();
   j["rope_parameters"]["rope_type"] = "longrope";
   expect_error([&] { ModelConfig::from_json(j, "config.json"); }, {"rope", "longrope"});
   j = base_config();
   j["hidden_act"] = "gelu";
   expect_error([&] { ModelConfig::from_json(j, "config.json"); }, {"hidden_act", "silu"});
-  expect_error([] { ModelConfig::load("/nonexistent/model"); }, {"/nonexistent/model", "not found"});
+  expect_error([] { ModelConfig::load("/nonexistent/model"); },
+               {"/nonexistent/model", "not found"});
   TempDir t("cfg");
   expect_error([&] { ModelConfig::load(t.path()); }, {"config.json", "not found"});
   write_file(t / "config.json", "{\"model_type\": \"llama\", ");
@@ -97,7 +108,9 @@ TEST(Config, BadInput) {
 }
 
 // A model dir whose weights we can corrupt: config of llama_mha_linear + a copy of its weights.
-std::string fixture_weights() { return testing::read_file(fixture("models/llama_mha_linear/model.safetensors")); }
+std::string fixture_weights() {
+  return testing::read_file(fixture("models/llama_mha_linear/model.safetensors"));
+}
 
 void make_model_dir(const TempDir& t, const std::string& weights) {
   write_file(t / "config.json", testing::read_file(fixture("models/llama_mha_linear/config.json")));
@@ -157,27 +170,30 @@ std::string edit_header(const std::function<void(nlohmann::json&)>& fn) {
 TEST(Safetensors, WrongShape) {
   TempDir t("st_shape");
   make_model_dir(t, edit_header([](nlohmann::json& h) {
-    auto& e = h["model.layers.0.self_attn.q_proj.weight"];
-    e["shape"] = {32, 128};  // same bytes, wrong shape
-  }));
+                   auto& e = h["model.layers.0.self_attn.q_proj.weight"];
+                   e["shape"] = {32, 128};  // same bytes, wrong shape
+                 }));
   expect_error([&] { load(t); }, {"model.safetensors", "model.layers.0.self_attn.q_proj.weight",
                                   "expected shape [64, 64]", "got [32, 128]"});
 }
 
 TEST(Safetensors, WrongDtype) {
   TempDir t("st_dtype");
-  make_model_dir(t, edit_header([](nlohmann::json& h) { h["model.norm.weight"]["dtype"] = "I16"; }));
+  make_model_dir(t,
+                 edit_header([](nlohmann::json& h) { h["model.norm.weight"]["dtype"] = "I16"; }));
   expect_error([&] { load(t); }, {"model.norm.weight", "unsupported dtype I16"});
-  make_model_dir(t, edit_header([](nlohmann::json& h) { h["model.norm.weight"]["dtype"] = "F32"; }));
+  make_model_dir(t,
+                 edit_header([](nlohmann::json& h) { h["model.norm.weight"]["dtype"] = "F32"; }));
   expect_error([&] { load(t); }, {"model.norm.weight", "bytes"});
 }
 
 TEST(Safetensors, MissingTensorAndFiles) {
   TempDir t("st_missing");
   make_model_dir(t, edit_header([](nlohmann::json& h) {
-    h["model.layers.1.mlp.up_proj.weight_renamed"] = h["model.layers.1.mlp.up_proj.weight"];
-    h.erase("model.layers.1.mlp.up_proj.weight");
-  }));
+                   h["model.layers.1.mlp.up_proj.weight_renamed"] =
+                       h["model.layers.1.mlp.up_proj.weight"];
+                   h.erase("model.layers.1.mlp.up_proj.weight");
+                 }));
   expect_error([&] { load(t); }, {"model.layers.1.mlp.up_proj.weight", "not found"});
   std::filesystem::remove(t / "model.safetensors");
   expect_error([&] { load(t); }, {"no weights found"});

@@ -20,7 +20,8 @@ struct Golden {
 };
 
 Golden load_golden(const std::filesystem::path& dir) {
-  return {read_json_file(dir / "golden.json"), std::make_unique<SafetensorsFile>(dir / "golden.safetensors")};
+  return {read_json_file(dir / "golden.json"),
+          std::make_unique<SafetensorsFile>(dir / "golden.safetensors")};
 }
 
 std::vector<float> as_floats(const TensorView& t) {
@@ -29,7 +30,9 @@ std::vector<float> as_floats(const TensorView& t) {
   return v;
 }
 
-int32_t argmax(const float* x, int64_t n) { return static_cast<int32_t>(std::max_element(x, x + n) - x); }
+int32_t argmax(const float* x, int64_t n) {
+  return static_cast<int32_t>(std::max_element(x, x + n) - x);
+}
 
 class ModelParity : public ::testing::TestWithParam<std::tuple<std::string, CpuMode>> {};
 
@@ -47,7 +50,8 @@ TEST_P(ModelParity, LogitsMatchTransformers) {
     const int64_t rows = static_cast<int64_t>(prompt.size()) - first_row;
     std::vector<float> want = as_floats(g.logits->tensors().at("logits_" + len));
     ASSERT_EQ(static_cast<int64_t>(want.size()), rows * V);
-    auto cache = model.make_cache(static_cast<int64_t>(prompt.size()), 0, 0, StreamingPrefill::kExact);
+    auto cache =
+        model.make_cache(static_cast<int64_t>(prompt.size()), 0, 0, StreamingPrefill::kExact);
     std::vector<float> got = model.forward(prompt, *cache, rows);
     float worst = 0;
     for (size_t i = 0; i < want.size(); ++i) worst = std::max(worst, std::fabs(got[i] - want[i]));
@@ -81,15 +85,16 @@ TEST_P(ModelParity, GreedyContinuationMatchesTransformers) {
 }
 
 std::string param_name(const ::testing::TestParamInfo<std::tuple<std::string, CpuMode>>& info) {
-  return std::get<0>(info.param) + (std::get<1>(info.param) == CpuMode::kFast ? "_fast" : "_reference");
+  return std::get<0>(info.param) +
+         (std::get<1>(info.param) == CpuMode::kFast ? "_fast" : "_reference");
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Fixtures, ModelParity,
-    ::testing::Combine(::testing::Values("llama_mha_linear", "llama3_gqa", "mistral_gqa",
-                                         "qwen2_bias_tied", "llama_dynamic", "llama_yarn"),
-                       ::testing::Values(CpuMode::kReference, CpuMode::kFast)),
-    param_name);
+INSTANTIATE_TEST_SUITE_P(Fixtures, ModelParity,
+                         ::testing::Combine(::testing::Values("llama_mha_linear", "llama3_gqa",
+                                                              "mistral_gqa", "qwen2_bias_tied",
+                                                              "llama_dynamic", "llama_yarn"),
+                                            ::testing::Values(CpuMode::kReference, CpuMode::kFast)),
+                         param_name);
 
 }  // namespace
 }  // namespace duo

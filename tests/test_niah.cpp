@@ -25,10 +25,14 @@ TEST(Niah, PromptHasExactLengthAndNeedleAtDepth) {
       EXPECT_EQ(p.ids[0], *tok->bos_id());
       // The needle's tokens sit at needle_position, which moves with depth.
       ASSERT_LE(p.needle_position + static_cast<int64_t>(needle_ids.size()), L);
-      EXPECT_TRUE(std::equal(needle_ids.begin(), needle_ids.end(), p.ids.begin() + p.needle_position));
-      const int64_t hay_len = L - 1 - static_cast<int64_t>(needle_ids.size()) -
-                              static_cast<int64_t>(tok->encode("\n\nQuestion: " + n.question + "\nAnswer:", false).size());
-      EXPECT_EQ(p.needle_position, 1 + static_cast<int64_t>(std::llround(d / 100.0 * static_cast<double>(hay_len))));
+      EXPECT_TRUE(
+          std::equal(needle_ids.begin(), needle_ids.end(), p.ids.begin() + p.needle_position));
+      const int64_t hay_len =
+          L - 1 - static_cast<int64_t>(needle_ids.size()) -
+          static_cast<int64_t>(
+              tok->encode("\n\nQuestion: " + n.question + "\nAnswer:", false).size());
+      EXPECT_EQ(p.needle_position,
+                1 + static_cast<int64_t>(std::llround(d / 100.0 * static_cast<double>(hay_len))));
     }
   }
   EXPECT_THROW(build_niah_prompt(*tok, hay, n, 10, 50), Error);
@@ -37,7 +41,8 @@ TEST(Niah, PromptHasExactLengthAndNeedleAtDepth) {
 
 TEST(Niah, Scoring) {
   const std::string ans = "The best thing to do in San Francisco is eat a sandwich.";
-  auto s = score_answer(" The best thing to do in San Francisco is eat a sandwich.\nQuestion:", ans);
+  auto s =
+      score_answer(" The best thing to do in San Francisco is eat a sandwich.\nQuestion:", ans);
   EXPECT_TRUE(s.exact);
   EXPECT_DOUBLE_EQ(s.words, 1.0);
   s = score_answer(" the best thing to do in Paris is eat", ans);
@@ -52,20 +57,23 @@ TEST(Niah, Scoring) {
 
 TEST(Niah, CliRunsAndWritesJson) {
   testing::TempDir t("niah");
-  auto r = testing::run_duo("niah -m " + fixture("models/llama_mha_linear").string() +
-                            " --task passkey --lengths 120,200 --depths 0,50 --max-answer 4 --json " +
-                            (t / "out.json").string());
+  auto r =
+      testing::run_duo("niah -m " + fixture("models/llama_mha_linear").string() +
+                       " --task passkey --lengths 120,200 --depths 0,50 --max-answer 4 --json " +
+                       (t / "out.json").string());
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("mean score"), std::string::npos);
   auto j = read_json_file(t / "out.json");
   EXPECT_EQ(j["results"].size(), 4u);
   EXPECT_EQ(j["attention"], "full attention");
-  auto bad = testing::run_duo("niah -m " + fixture("models/llama_mha_linear").string() + " --lengths 10");
+  auto bad =
+      testing::run_duo("niah -m " + fixture("models/llama_mha_linear").string() + " --lengths 10");
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_NE(bad.err.find("too short"), std::string::npos) << bad.err;
   bad = testing::run_duo("niah -m " + fixture("models/llama_mha_linear").string() + " --needle x");
   EXPECT_NE(bad.err.find("go together"), std::string::npos) << bad.err;
-  bad = testing::run_duo("niah -m " + fixture("models/llama_mha_linear").string() + " --haystack /no/dir");
+  bad = testing::run_duo("niah -m " + fixture("models/llama_mha_linear").string() +
+                         " --haystack /no/dir");
   EXPECT_NE(bad.err.find("/no/dir: haystack directory not found"), std::string::npos) << bad.err;
 }
 

@@ -1,25 +1,30 @@
 // Shared helpers for the tests: fixture paths, temp dirs, running the duo binary.
 #pragma once
 
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <string>
 
-#include <sys/wait.h>
-#include <unistd.h>
-
 namespace duo::testing {
 
-inline std::filesystem::path source_dir() { return DUO_SOURCE_DIR; }
-inline std::filesystem::path fixture(const std::string& rel) { return source_dir() / "tests/fixtures" / rel; }
+inline std::filesystem::path source_dir() {
+  return DUO_SOURCE_DIR;
+}
+inline std::filesystem::path fixture(const std::string& rel) {
+  return source_dir() / "tests/fixtures" / rel;
+}
 
 // A fresh directory under the system temp dir, removed when the object dies.
 class TempDir {
  public:
   explicit TempDir(const std::string& tag) {
-    path_ = std::filesystem::temp_directory_path() /
-            ("duo_test_" + tag + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter()++));
+    path_ =
+        std::filesystem::temp_directory_path() /
+        ("duo_test_" + tag + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter()++));
     std::filesystem::remove_all(path_);
     std::filesystem::create_directories(path_);
   }

@@ -9,7 +9,8 @@
 namespace duo::cli {
 
 void add_backend_option(CLI::App* cmd, std::string& choice) {
-  cmd->add_option("--backend", choice, "auto (CUDA when a GPU is present), cpu, cpu-reference or cuda")
+  cmd->add_option("--backend", choice,
+                  "auto (CUDA when a GPU is present), cpu, cpu-reference or cuda")
       ->check(CLI::IsMember({"auto", "cpu", "cpu-reference", "cuda"}));
 }
 

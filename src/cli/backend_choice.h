@@ -1,11 +1,10 @@
 // --backend auto|cpu|cpu-reference|cuda, shared by the subcommands that run a model.
 #pragma once
 
+#include <CLI/CLI.hpp>
 #include <cstdint>
 #include <memory>
 #include <string>
-
-#include <CLI/CLI.hpp>
 
 #include "engine/backend.h"
 

@@ -33,7 +33,9 @@ std::string human_count(int64_t n) {
   return buf;
 }
 
-bool stderr_is_terminal() { return ::isatty(STDERR_FILENO) == 1; }
+bool stderr_is_terminal() {
+  return ::isatty(STDERR_FILENO) == 1;
+}
 
 namespace {
 std::string& command_line_storage() {
@@ -51,6 +53,8 @@ void set_command_line(int argc, char** argv) {
   }
 }
 
-const std::string& command_line() { return command_line_storage(); }
+const std::string& command_line() {
+  return command_line_storage();
+}
 
 }  // namespace duo::cli

@@ -14,15 +14,14 @@
 #include <string>
 #include <vector>
 
+#include "cli/backend_choice.h"
 #include "cli/cli_util.h"
 #include "cli/commands.h"
 #include "core/error.h"
-#include "cli/backend_choice.h"
 #include "core/file_util.h"
 #include "duo/head_pattern.h"
 #include "engine/model.h"
 #include "model/config.h"
-
 
 namespace duo::cli {
 
@@ -106,7 +105,8 @@ void run_bench(const BenchArgs& a) {
   HeadPartition part = all_retrieval(cfg.num_layers, cfg.num_kv_heads);
   std::string pattern_desc = "full attention (all retrieval)";
   int64_t sink = a.sink, recent = a.recent;
-  check(!(a.streaming_only && !a.pattern.empty()), "--streaming-only and --pattern exclude each other");
+  check(!(a.streaming_only && !a.pattern.empty()),
+        "--streaming-only and --pattern exclude each other");
   if (!a.pattern.empty()) {
     const HeadPattern pat = load_head_pattern(a.pattern);
     validate_against(pat, cfg, a.random_weights ? a.config_file : a.model_dir);
@@ -131,12 +131,12 @@ void run_bench(const BenchArgs& a) {
   auto backend = make_backend(resolved);
   const std::string card = device_name(resolved);
   std::fprintf(stderr, "duo bench: %s on %s; %s; S=%lld R=%lld; realised sparsity %.4f\n",
-               cfg.model_type.c_str(), card.c_str(), pattern_desc.c_str(), static_cast<long long>(sink),
-               static_cast<long long>(recent), part.sparsity());
+               cfg.model_type.c_str(), card.c_str(), pattern_desc.c_str(),
+               static_cast<long long>(sink), static_cast<long long>(recent), part.sparsity());
   const auto tl0 = clock::now();
-  std::unique_ptr<Model> model =
-      a.random_weights ? std::make_unique<Model>(cfg, *backend, layout, a.seed)
-                       : std::make_unique<Model>(a.model_dir, *backend, layout);
+  std::unique_ptr<Model> model = a.random_weights
+                                     ? std::make_unique<Model>(cfg, *backend, layout, a.seed)
+                                     : std::make_unique<Model>(a.model_dir, *backend, layout);
   backend->synchronize();
   const double load_s = std::chrono::duration<double>(clock::now() - tl0).count();
   const int64_t weights_bytes = backend->device_memory_in_use();
@@ -171,14 +171,15 @@ void run_bench(const BenchArgs& a) {
       std::vector<int32_t> prompt(static_cast<size_t>(N));
       for (auto& x : prompt) x = tok(rng);
       backend->synchronize();
-      std::fprintf(stderr, "  N=%lld: prefilling in chunks of %lld ...\n", static_cast<long long>(N),
-                   static_cast<long long>(a.chunk));
+      std::fprintf(stderr, "  N=%lld: prefilling in chunks of %lld ...\n",
+                   static_cast<long long>(N), static_cast<long long>(a.chunk));
       const auto t0 = clock::now();
       std::vector<float> logits;
       for (int64_t p = 0; p < N; p += a.chunk) {
         const int64_t len = std::min(a.chunk, N - p);
-        logits = model->forward(std::span<const int32_t>(prompt.data() + p, static_cast<size_t>(len)), *cache,
-                                p + len == N ? 1 : 0);
+        logits =
+            model->forward(std::span<const int32_t>(prompt.data() + p, static_cast<size_t>(len)),
+                           *cache, p + len == N ? 1 : 0);
         backend->synchronize();
         std::fprintf(stderr, "\r  N=%lld prefill %lld/%lld (%.1f s)", static_cast<long long>(N),
                      static_cast<long long>(p + len), static_cast<long long>(N),
@@ -190,7 +191,8 @@ void run_bench(const BenchArgs& a) {
       for (int64_t i = 0; i < a.warmup_steps + a.decode_steps; ++i) {
         const int32_t next = argmax(logits);
         const auto s0 = clock::now();
-        logits = model->forward(std::span<const int32_t>(&next, 1), *cache, 1);  // downloads: synchronous
+        logits = model->forward(std::span<const int32_t>(&next, 1), *cache,
+                                1);  // downloads: synchronous
         backend->synchronize();
         const double dt = std::chrono::duration<double, std::milli>(clock::now() - s0).count();
         if (i >= a.warmup_steps) ms.push_back(dt);
@@ -211,10 +213,11 @@ void run_bench(const BenchArgs& a) {
       std::fprintf(stderr,
                    "  N=%lld: prefill %.3f s (%.0f tok/s), decode %.2f ms/token (median of %lld), "
                    "KV %s (retrieval %s, streaming %s; full attention %s), peak %s\n",
-                   static_cast<long long>(N), prefill_s, static_cast<double>(N) / prefill_s, median(ms),
-                   static_cast<long long>(a.decode_steps), human_bytes(kv.total()).c_str(),
-                   human_bytes(kv.retrieval).c_str(), human_bytes(kv.streaming).c_str(),
-                   human_bytes(full_kv).c_str(), human_bytes(backend->device_memory_peak()).c_str());
+                   static_cast<long long>(N), prefill_s, static_cast<double>(N) / prefill_s,
+                   median(ms), static_cast<long long>(a.decode_steps),
+                   human_bytes(kv.total()).c_str(), human_bytes(kv.retrieval).c_str(),
+                   human_bytes(kv.streaming).c_str(), human_bytes(full_kv).c_str(),
+                   human_bytes(backend->device_memory_peak()).c_str());
     } catch (const Error& e) {
       // Out of memory at one context (as the paper's OOM points) is a result, not a failure.
       r["error"] = e.what();
@@ -230,7 +233,8 @@ void run_bench(const BenchArgs& a) {
         {"backend", backend->name()},
         {"device", card},
         {"model", a.random_weights ? a.config_file : a.model_dir},
-        {"weights", a.random_weights ? "random (seed " + std::to_string(a.seed) + ")" : "checkpoint"},
+        {"weights",
+         a.random_weights ? "random (seed " + std::to_string(a.seed) + ")" : "checkpoint"},
         {"model_type", cfg.model_type},
         {"layers", cfg.num_layers},
         {"heads", cfg.num_heads},
@@ -256,20 +260,27 @@ void run_bench(const BenchArgs& a) {
 
 void add_bench_command(CLI::App& app) {
   auto a = std::make_shared<BenchArgs>();
-  CLI::App* sub = app.add_subcommand("bench", "Prefill latency, decode ms/token and memory at given contexts");
+  CLI::App* sub =
+      app.add_subcommand("bench", "Prefill latency, decode ms/token and memory at given contexts");
   sub->add_option("-m,--model", a->model_dir, "Model directory (config.json + safetensors)");
-  sub->add_flag("--random-weights", a->random_weights, "Random weights (N(0, 0.02)) from --config alone");
+  sub->add_flag("--random-weights", a->random_weights,
+                "Random weights (N(0, 0.02)) from --config alone");
   sub->add_option("--config", a->config_file, "config.json for --random-weights");
   sub->add_option("--pattern", a->pattern, "DuoAttention pattern directory or .tsv");
-  a->sparsity_opt = sub->add_option("--sparsity", a->sparsity, "Fraction of KV heads made streaming (default 0.5)");
-  a->threshold_opt = sub->add_option("--threshold", a->threshold, "Retrieval iff gate >= threshold");
+  a->sparsity_opt = sub->add_option("--sparsity", a->sparsity,
+                                    "Fraction of KV heads made streaming (default 0.5)");
+  a->threshold_opt =
+      sub->add_option("--threshold", a->threshold, "Retrieval iff gate >= threshold");
   sub->add_flag("--streaming-only", a->streaming_only, "Every head streaming (StreamingLLM)");
-  a->sink_opt = sub->add_option("--sink", a->sink, "Sink tokens S (default: the pattern's, else 128)");
-  a->recent_opt = sub->add_option("--recent", a->recent, "Recent window R (default: the pattern's, else 256)");
+  a->sink_opt =
+      sub->add_option("--sink", a->sink, "Sink tokens S (default: the pattern's, else 128)");
+  a->recent_opt =
+      sub->add_option("--recent", a->recent, "Recent window R (default: the pattern's, else 256)");
   sub->add_option("--contexts", a->contexts, "Comma-separated context lengths, e.g. 20000,60000");
   sub->add_option("--chunk", a->chunk, "Prefill chunk size (default 32768)");
   sub->add_option("--decode-steps", a->decode_steps, "Timed decode steps (default 100)");
-  sub->add_option("--warmup-steps", a->warmup_steps, "Untimed decode steps before them (default 5)");
+  sub->add_option("--warmup-steps", a->warmup_steps,
+                  "Untimed decode steps before them (default 5)");
   add_backend_option(sub, a->backend);
   sub->add_option("--seed", a->seed, "Seed of the random weights and tokens (default 0)");
   sub->add_flag("--json", a->json, "Print one JSON object with every number");

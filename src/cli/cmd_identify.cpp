@@ -1,13 +1,12 @@
 // `duo identify`: find retrieval heads and write a pattern in the published format.
-//   --method heuristic: one full-attention forward pass per synthetic multi-passkey sample. For each
-//   query of the question-and-answer block and each KV head (its query heads averaged), either
+//   --method heuristic: one full-attention forward pass per synthetic multi-passkey sample. For
+//   each query of the question-and-answer block and each KV head (its query heads averaged), either
 //   `deviation`: |o_full - o_window|^2 / |o_full|^2, how far the head's output moves when it only
 //   sees sink + recent (a one-pass proxy of the gate objective), or `needle-mass`: the attention
 //   on the passkeys outside the window. Scores are normalised to [0, 1] by the largest.
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-
 #include <nlohmann/json.hpp>
 
 #include "cli/backend_choice.h"
@@ -44,8 +43,8 @@ struct IdentifyArgs {
 void identify_heuristic(const IdentifyArgs& a) {
   const ModelConfig cfg = ModelConfig::load(a.model_dir);
   check(a.samples >= 1, "--samples must be >= 1");
-  check(a.ctx_min > 0 && a.ctx_max >= a.ctx_min, "--ctx-min/--ctx-max: need 0 < min <= max, got ", a.ctx_min,
-        " and ", a.ctx_max);
+  check(a.ctx_min > 0 && a.ctx_max >= a.ctx_min, "--ctx-min/--ctx-max: need 0 < min <= max, got ",
+        a.ctx_min, " and ", a.ctx_max);
   check(a.sink >= 0 && a.recent >= 0, "--sink and --recent must be >= 0");
   check(a.chunk > 0, "--chunk must be positive");
   check(!a.corpus.empty(), "--corpus DIR is required (a directory of .txt files)");
@@ -64,7 +63,8 @@ void identify_heuristic(const IdentifyArgs& a) {
   probe.deviation.assign(static_cast<size_t>(heads), 0.0);
   std::vector<double> score(static_cast<size_t>(heads), 0.0);
   std::mt19937_64 rng(a.seed);
-  const int64_t passkeys = a.data == "qa" ? std::min<int64_t>(a.passkeys, 4) : a.passkeys;  // qa: 4 wordings
+  const int64_t passkeys =
+      a.data == "qa" ? std::min<int64_t>(a.passkeys, 4) : a.passkeys;  // qa: 4 wordings
   const auto t0 = std::chrono::steady_clock::now();
   for (int64_t s = 0; s < a.samples; ++s) {
     PasskeyOptions po;
@@ -81,19 +81,23 @@ void identify_heuristic(const IdentifyArgs& a) {
     probe.query_begin = sample.label_begin;
     probe.key_ranges.clear();
     for (size_t k = 0; a.score == "needle-mass" && k < sample.needle_positions.size(); ++k)
-      probe.key_ranges.emplace_back(sample.needle_positions[k], sample.needle_positions[k] + sample.needle_lengths[k]);
+      probe.key_ranges.emplace_back(sample.needle_positions[k],
+                                    sample.needle_positions[k] + sample.needle_lengths[k]);
     backend->set_long_range_probe(&probe);
     for (int64_t p = 0; p < n; p += a.chunk) {
       const int64_t len = std::min(a.chunk, n - p);
-      model.forward(std::span<const int32_t>(sample.ids.data() + p, static_cast<size_t>(len)), *cache, 0);
+      model.forward(std::span<const int32_t>(sample.ids.data() + p, static_cast<size_t>(len)),
+                    *cache, 0);
     }
     backend->set_long_range_probe(nullptr);
     const std::vector<double>& stat = a.score == "deviation" ? probe.deviation : probe.mass;
     for (int64_t h = 0; h < heads; ++h)
-      score[h] += probe.weight[h] > 0 ? stat[h] / probe.weight[h] / static_cast<double>(a.samples) : 0.0;
+      score[h] +=
+          probe.weight[h] > 0 ? stat[h] / probe.weight[h] / static_cast<double>(a.samples) : 0.0;
     const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::fprintf(stderr, "identify (heuristic): sample %lld/%lld, %lld tokens, %.1f s elapsed\n",
-                 static_cast<long long>(s + 1), static_cast<long long>(a.samples), static_cast<long long>(n), el);
+                 static_cast<long long>(s + 1), static_cast<long long>(a.samples),
+                 static_cast<long long>(n), el);
   }
   const double top = *std::max_element(score.begin(), score.end());
   HeadPattern pat;
@@ -103,16 +107,26 @@ void identify_heuristic(const IdentifyArgs& a) {
   for (int64_t h = 0; h < heads; ++h) pat.gates[h] = top > 0 ? score[h] / top : 0.0;
   pat.sink_size = a.sink;
   pat.recent_size = a.recent;
-  pat.config = {{"method", "heuristic"}, {"model_name", a.model_dir}, {"dataset_name", a.corpus},
-                {"dataset_format", a.data == "qa" ? "multiple_passkey_qa" : "multiple_passkey"}, {"num_passkeys", passkeys}, {"samples", a.samples},
-                {"context_length_min", a.ctx_min}, {"context_length_max", a.ctx_max}, {"sink_size", a.sink},
-                {"recent_size", a.recent}, {"seed", a.seed},
-                {"score", a.score == "deviation"
-                              ? "mean |o_full - o_window|^2 / |o_full|^2 over the QA block, / max"
-                              : "mean attention mass from the QA block on the needles outside sink + recent, / max"}};
+  pat.config = {
+      {"method", "heuristic"},
+      {"model_name", a.model_dir},
+      {"dataset_name", a.corpus},
+      {"dataset_format", a.data == "qa" ? "multiple_passkey_qa" : "multiple_passkey"},
+      {"num_passkeys", passkeys},
+      {"samples", a.samples},
+      {"context_length_min", a.ctx_min},
+      {"context_length_max", a.ctx_max},
+      {"sink_size", a.sink},
+      {"recent_size", a.recent},
+      {"seed", a.seed},
+      {"score",
+       a.score == "deviation"
+           ? "mean |o_full - o_window|^2 / |o_full|^2 over the QA block, / max"
+           : "mean attention mass from the QA block on the needles outside sink + recent, / max"}};
   write_head_pattern(pat, a.out_dir);
   std::printf("wrote %s/full_attention_heads.tsv (%lld layers x %lld KV heads, heuristic scores)\n",
-              a.out_dir.c_str(), static_cast<long long>(cfg.num_layers), static_cast<long long>(cfg.num_kv_heads));
+              a.out_dir.c_str(), static_cast<long long>(cfg.num_layers),
+              static_cast<long long>(cfg.num_kv_heads));
 }
 
 }  // namespace
@@ -123,7 +137,8 @@ void add_identify_command(CLI::App& app) {
   cmd->add_option("-m,--model", a->model_dir, "Hugging Face model directory")->required();
   cmd->add_option("--corpus", a->corpus, "Directory of .txt files for the synthetic passkey data");
   cmd->add_option("-o,--output", a->out_dir, "Pattern directory to write");
-  cmd->add_option("--method", a->method, "gate (the paper's optimisation) or heuristic (one pass, no training)")
+  cmd->add_option("--method", a->method,
+                  "gate (the paper's optimisation) or heuristic (one pass, no training)")
       ->check(CLI::IsMember({"gate", "heuristic"}));
   cmd->add_option("--samples", a->samples, "Heuristic: number of passkey samples (default 8)");
   cmd->add_option("--ctx-min", a->ctx_min, "Shortest haystack in tokens (default 1000)");
@@ -133,18 +148,21 @@ void add_identify_command(CLI::App& app) {
   cmd->add_option("--passkeys", a->passkeys, "Passkeys per sample (default 10)");
   cmd->add_option("--seed", a->seed, "Random seed (default 42)");
   cmd->add_option("--chunk", a->chunk, "Prefill chunk size");
-  cmd->add_option("--score", a->score,
-                  "Heuristic statistic: needle-mass (attention on the passkeys outside the window; default) "
-                  "or deviation (how far a head's output moves when it only sees sink + recent)")
+  cmd->add_option(
+         "--score", a->score,
+         "Heuristic statistic: needle-mass (attention on the passkeys outside the window; default) "
+         "or deviation (how far a head's output moves when it only sees sink + recent)")
       ->check(CLI::IsMember({"deviation", "needle-mass"}));
-  cmd->add_option("--data", a->data,
-                  "Synthetic data: duo (section 4: NATO-word passkeys, default) or qa (numeric passkeys in "
-                  "the demo models' Question/Answer format, at most 4 per sample)")
+  cmd->add_option(
+         "--data", a->data,
+         "Synthetic data: duo (section 4: NATO-word passkeys, default) or qa (numeric passkeys in "
+         "the demo models' Question/Answer format, at most 4 per sample)")
       ->check(CLI::IsMember({"duo", "qa"}));
   add_backend_option(cmd, a->backend);
   cmd->callback([a] {
     check(a->method == "heuristic",
-          "--method gate (the gate optimisation of duoattention.md section 4) is not implemented yet; "
+          "--method gate (the gate optimisation of duoattention.md section 4) is not implemented "
+          "yet; "
           "use --method heuristic");
     identify_heuristic(*a);
   });

@@ -3,7 +3,6 @@
 #include <cstdio>
 #include <fstream>
 #include <iostream>
-
 #include <nlohmann/json.hpp>
 
 #include "cli/backend_choice.h"
@@ -40,7 +39,8 @@ void run(const NiahArgs& a) {
   const bool custom = !a.needle.empty() || !a.question.empty() || !a.answer.empty();
   check(!custom || (!a.needle.empty() && !a.question.empty() && !a.answer.empty()),
         "--needle, --question and --answer go together");
-  check(a.task == "sentence" || a.task == "passkey", "--task must be sentence or passkey, got '", a.task, "'");
+  check(a.task == "sentence" || a.task == "passkey", "--task must be sentence or passkey, got '",
+        a.task, "'");
   check(!a.lengths.empty() && !a.depths.empty(), "--lengths and --depths need at least one value");
   for (int64_t L : a.lengths) check(L > 0, "--lengths must be positive, got ", L);
   for (double d : a.depths) check(d >= 0 && d <= 100, "--depths must be in [0, 100], got ", d);
@@ -62,7 +62,8 @@ void run(const NiahArgs& a) {
       const int64_t L = a.lengths[li];
       const double depth = a.depths[di];
       Needle n = custom ? Needle{a.needle, a.question, a.answer}
-                        : (a.task == "passkey" ? passkey_needle(a.seed + li * 1000 + di) : classic_sentence_needle());
+                        : (a.task == "passkey" ? passkey_needle(a.seed + li * 1000 + di)
+                                               : classic_sentence_needle());
       NiahPrompt p = build_niah_prompt(*tok, hay, n, L, depth);
       auto cache = model.make_cache(L + a.max_answer, duo.sink, duo.recent, duo.prefill);
       StreamingDecoder dec(*tok, true);
@@ -81,24 +82,33 @@ void run(const NiahArgs& a) {
       sum_words += s.words;
       sum_exact += s.exact ? 1 : 0;
       ++count;
-      rows.push_back({{"length", L}, {"depth", depth}, {"needle_position", p.needle_position},
-                      {"answer", n.answer}, {"generated", text.substr(0, text.find('\n', text.find_first_not_of(" \n")))},
-                      {"exact", s.exact}, {"score", s.words}, {"prefill_seconds", r.prefill_seconds}});
+      rows.push_back({{"length", L},
+                      {"depth", depth},
+                      {"needle_position", p.needle_position},
+                      {"answer", n.answer},
+                      {"generated", text.substr(0, text.find('\n', text.find_first_not_of(" \n")))},
+                      {"exact", s.exact},
+                      {"score", s.words},
+                      {"prefill_seconds", r.prefill_seconds}});
       if (tty) {
-        const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        std::fprintf(stderr, "\r\033[Kniah %lld/%lld  length %lld depth %.0f%%  score %.2f  ETA %.0f s",
-                     static_cast<long long>(count), static_cast<long long>(total), static_cast<long long>(L), depth,
-                     s.words, el / static_cast<double>(count) * static_cast<double>(total - count));
+        const double el =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        std::fprintf(
+            stderr, "\r\033[Kniah %lld/%lld  length %lld depth %.0f%%  score %.2f  ETA %.0f s",
+            static_cast<long long>(count), static_cast<long long>(total), static_cast<long long>(L),
+            depth, s.words, el / static_cast<double>(count) * static_cast<double>(total - count));
       }
     }
   }
   if (tty) std::fprintf(stderr, "\r\033[K");
-  const double mean = sum_words / static_cast<double>(count), exact = sum_exact / static_cast<double>(count);
+  const double mean = sum_words / static_cast<double>(count),
+               exact = sum_exact / static_cast<double>(count);
   std::printf("needle in a haystack: %s (%s), %s, model %s\n", duo.mode.c_str(),
-              duo.mode == "full attention" ? "all heads retrieval"
-                                           : ("S=" + std::to_string(duo.sink) + " R=" + std::to_string(duo.recent) +
-                                              (duo.rule.empty() ? "" : ", " + duo.rule))
-                                                 .c_str(),
+              duo.mode == "full attention"
+                  ? "all heads retrieval"
+                  : ("S=" + std::to_string(duo.sink) + " R=" + std::to_string(duo.recent) +
+                     (duo.rule.empty() ? "" : ", " + duo.rule))
+                        .c_str(),
               custom ? "custom needle" : a.task.c_str(), a.model_dir.c_str());
   std::printf("score = share of answer words found (1.00 = all)\n%8s", "depth");
   for (int64_t L : a.lengths) std::printf(" %7lld", static_cast<long long>(L));
@@ -108,16 +118,27 @@ void run(const NiahArgs& a) {
     for (size_t li = 0; li < a.lengths.size(); ++li) std::printf(" %7.2f", table[di][li]);
     std::printf("\n");
   }
-  std::printf("mean score %.3f, exact match %.3f over %lld prompts\n", mean, exact, static_cast<long long>(count));
+  std::printf("mean score %.3f, exact match %.3f over %lld prompts\n", mean, exact,
+              static_cast<long long>(count));
   if (!a.json_file.empty()) {
-    nlohmann::json j = {{"model", a.model_dir}, {"attention", duo.mode}, {"pattern", duo.pattern_path},
-                        {"rule", duo.rule}, {"sink", duo.sink}, {"recent", duo.recent},
-                        {"retrieval_kv_heads", duo.partition.total_retrieval()},
-                        {"sparsity", duo.partition.sparsity()},
-                        {"streaming_prefill", duo.prefill == StreamingPrefill::kExact ? "exact" : "chunk"},
-                        {"task", custom ? "custom" : a.task}, {"haystack", a.haystack.empty() ? "filler" : a.haystack},
-                        {"lengths", a.lengths}, {"depths", a.depths}, {"backend", backend->name()},
-                        {"mean_score", mean}, {"exact_match", exact}, {"results", rows}};
+    nlohmann::json j = {
+        {"model", a.model_dir},
+        {"attention", duo.mode},
+        {"pattern", duo.pattern_path},
+        {"rule", duo.rule},
+        {"sink", duo.sink},
+        {"recent", duo.recent},
+        {"retrieval_kv_heads", duo.partition.total_retrieval()},
+        {"sparsity", duo.partition.sparsity()},
+        {"streaming_prefill", duo.prefill == StreamingPrefill::kExact ? "exact" : "chunk"},
+        {"task", custom ? "custom" : a.task},
+        {"haystack", a.haystack.empty() ? "filler" : a.haystack},
+        {"lengths", a.lengths},
+        {"depths", a.depths},
+        {"backend", backend->name()},
+        {"mean_score", mean},
+        {"exact_match", exact},
+        {"results", rows}};
     std::ofstream out(a.json_file);
     check(out.good(), a.json_file, ": cannot write");
     out << j.dump(1) << "\n";
@@ -130,13 +151,15 @@ void add_niah_command(CLI::App& app) {
   auto a = std::make_shared<NiahArgs>();
   CLI::App* cmd = app.add_subcommand("niah", "Needle-in-a-haystack accuracy over lengths x depths");
   cmd->add_option("-m,--model", a->model_dir, "Hugging Face model directory")->required();
-  cmd->add_option("--haystack", a->haystack, "Directory of .txt files (default: the classic repeated filler)");
+  cmd->add_option("--haystack", a->haystack,
+                  "Directory of .txt files (default: the classic repeated filler)");
   cmd->add_option("--task", a->task, "sentence (the classic San Francisco needle) or passkey");
   cmd->add_option("--needle", a->needle, "Custom needle text");
   cmd->add_option("--question", a->question, "Custom question");
   cmd->add_option("--answer", a->answer, "Custom expected answer");
   cmd->add_option("--lengths", a->lengths, "Prompt lengths in tokens")->delimiter(',');
-  cmd->add_option("--depths", a->depths, "Needle depths in percent of the haystack")->delimiter(',');
+  cmd->add_option("--depths", a->depths, "Needle depths in percent of the haystack")
+      ->delimiter(',');
   cmd->add_option("--max-answer", a->max_answer, "Answer tokens to generate at most (default 32)");
   cmd->add_option("--chunk", a->chunk, "Prefill chunk size");
   cmd->add_option("--seed", a->seed, "Seed for passkeys");

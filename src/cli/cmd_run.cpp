@@ -2,7 +2,6 @@
 #include <chrono>
 #include <cstdio>
 #include <iostream>
-
 #include <nlohmann/json.hpp>
 
 #include "cli/backend_choice.h"
@@ -67,8 +66,8 @@ void run(const RunArgs& a) {
   const int64_t ctx = a.context.value_or(n + a.max_new);
   check(ctx > 0, "-c must be positive, got ", ctx);
   check(n <= ctx, "prompt is ", n, " tokens, longer than the context length -c ", ctx);
-  check(n + a.max_new <= ctx, "prompt (", n, " tokens) + -n ", a.max_new, " exceeds the context length -c ", ctx,
-        " (raise -c or lower -n)");
+  check(n + a.max_new <= ctx, "prompt (", n, " tokens) + -n ", a.max_new,
+        " exceeds the context length -c ", ctx, " (raise -c or lower -n)");
   if (ctx > cfg.max_position_embeddings && !a.json) {
     std::fprintf(stderr, "duo: warning: context %lld exceeds max_position_embeddings %lld of %s\n",
                  static_cast<long long>(ctx), static_cast<long long>(cfg.max_position_embeddings),
@@ -86,7 +85,8 @@ void run(const RunArgs& a) {
   if (!a.ignore_eos) {
     opt.stop_ids = cfg.eos_token_ids;
     for (int32_t e : tok->eos_ids())
-      if (std::find(opt.stop_ids.begin(), opt.stop_ids.end(), e) == opt.stop_ids.end()) opt.stop_ids.push_back(e);
+      if (std::find(opt.stop_ids.begin(), opt.stop_ids.end(), e) == opt.stop_ids.end())
+        opt.stop_ids.push_back(e);
   }
   const bool tty = stderr_is_terminal() && !a.json;
   StreamingDecoder dec(*tok, true);
@@ -95,7 +95,8 @@ void run(const RunArgs& a) {
   const auto start = std::chrono::steady_clock::now();
   if (tty) {
     cb.on_prefill = [&](int64_t done, int64_t total) {
-      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      const double s =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       std::fprintf(stderr, "\rprefill %lld/%lld tokens (%.0f tok/s)", static_cast<long long>(done),
                    static_cast<long long>(total), static_cast<double>(done) / std::max(s, 1e-9));
       if (done == total) std::fprintf(stderr, "\r\033[K");
@@ -115,7 +116,8 @@ void run(const RunArgs& a) {
   const CacheBytes kv = cache->allocated_bytes();
   const int64_t elem = backend->kv_bytes_per_element();
   const int64_t full_kv = cfg.kv_bytes_per_token(elem) * ctx;
-  const double decode_tps = r.tokens.size() > 1 ? static_cast<double>(r.tokens.size() - 1) / r.decode_seconds : 0.0;
+  const double decode_tps =
+      r.tokens.size() > 1 ? static_cast<double>(r.tokens.size() - 1) / r.decode_seconds : 0.0;
   if (a.json) {
     nlohmann::json j = {
         {"text", generated_text},
@@ -125,7 +127,8 @@ void run(const RunArgs& a) {
         {"stopped_at_eos", r.stopped},
         {"prefill_seconds", r.prefill_seconds},
         {"decode_seconds", r.decode_seconds},
-        {"prefill_tokens_per_second", static_cast<double>(r.prompt_tokens) / std::max(r.prefill_seconds, 1e-9)},
+        {"prefill_tokens_per_second",
+         static_cast<double>(r.prompt_tokens) / std::max(r.prefill_seconds, 1e-9)},
         {"decode_tokens_per_second", decode_tps},
         {"context", ctx},
         {"backend", backend->name()},
@@ -138,8 +141,12 @@ void run(const RunArgs& a) {
         {"retrieval_kv_heads", duo.partition.total_retrieval()},
         {"total_kv_heads", cfg.num_layers * cfg.num_kv_heads},
         {"sparsity", duo.partition.sparsity()},
-        {"kv_bytes", {{"retrieval", kv.retrieval}, {"streaming", kv.streaming}, {"total", kv.total()},
-                      {"full_attention", full_kv}, {"bytes_per_element", elem}}},
+        {"kv_bytes",
+         {{"retrieval", kv.retrieval},
+          {"streaming", kv.streaming},
+          {"total", kv.total()},
+          {"full_attention", full_kv},
+          {"bytes_per_element", elem}}},
     };
     std::cout << j.dump(2) << "\n";
     return;
@@ -147,29 +154,35 @@ void run(const RunArgs& a) {
   std::fwrite(tail.data(), 1, tail.size(), stdout);
   std::printf("\n");
   std::fflush(stdout);
-  std::fprintf(stderr,
-               "[%s] prompt %lld tok, prefill %.2f s (%.0f tok/s); generated %zu tok, %.1f tok/s%s\n"
-               "[%s] KV %s allocated (retrieval %s, streaming %s) vs %s full attention at -c %lld; "
-               "%lld/%lld KV heads retrieval (sparsity %.3f)%s\n",
-               duo.mode.c_str(), static_cast<long long>(r.prompt_tokens), r.prefill_seconds,
-               static_cast<double>(r.prompt_tokens) / std::max(r.prefill_seconds, 1e-9), r.tokens.size(), decode_tps,
-               r.stopped ? ", stopped at EOS" : "", backend->name().c_str(), human_bytes(kv.total()).c_str(),
-               human_bytes(kv.retrieval).c_str(), human_bytes(kv.streaming).c_str(), human_bytes(full_kv).c_str(),
-               static_cast<long long>(ctx), static_cast<long long>(duo.partition.total_retrieval()),
-               static_cast<long long>(cfg.num_layers * cfg.num_kv_heads), duo.partition.sparsity(),
-               duo.mode == "full attention" ? "" : (", S=" + std::to_string(duo.sink) + " R=" + std::to_string(duo.recent)).c_str());
+  std::fprintf(
+      stderr,
+      "[%s] prompt %lld tok, prefill %.2f s (%.0f tok/s); generated %zu tok, %.1f tok/s%s\n"
+      "[%s] KV %s allocated (retrieval %s, streaming %s) vs %s full attention at -c %lld; "
+      "%lld/%lld KV heads retrieval (sparsity %.3f)%s\n",
+      duo.mode.c_str(), static_cast<long long>(r.prompt_tokens), r.prefill_seconds,
+      static_cast<double>(r.prompt_tokens) / std::max(r.prefill_seconds, 1e-9), r.tokens.size(),
+      decode_tps, r.stopped ? ", stopped at EOS" : "", backend->name().c_str(),
+      human_bytes(kv.total()).c_str(), human_bytes(kv.retrieval).c_str(),
+      human_bytes(kv.streaming).c_str(), human_bytes(full_kv).c_str(), static_cast<long long>(ctx),
+      static_cast<long long>(duo.partition.total_retrieval()),
+      static_cast<long long>(cfg.num_layers * cfg.num_kv_heads), duo.partition.sparsity(),
+      duo.mode == "full attention"
+          ? ""
+          : (", S=" + std::to_string(duo.sink) + " R=" + std::to_string(duo.recent)).c_str());
 }
 
 }  // namespace
 
 void add_run_command(CLI::App& app) {
   auto a = std::make_shared<RunArgs>();
-  CLI::App* cmd = app.add_subcommand("run", "Generate text from a prompt (full attention or DuoAttention)");
+  CLI::App* cmd =
+      app.add_subcommand("run", "Generate text from a prompt (full attention or DuoAttention)");
   cmd->add_option("-m,--model", a->model_dir, "Hugging Face model directory")->required();
   cmd->add_option("-p,--prompt", a->prompt, "Prompt text (appended after -f)");
   cmd->add_option("-f,--file", a->prompt_file, "Read the prompt from a file");
   cmd->add_option("-n,--max-tokens", a->max_new, "Tokens to generate (default 128)");
-  cmd->add_option("-c,--context", a->context, "Context length: KV cache capacity (default prompt + n)");
+  cmd->add_option("-c,--context", a->context,
+                  "Context length: KV cache capacity (default prompt + n)");
   cmd->add_option("--chunk", a->chunk, "Prefill chunk size in tokens (default 32768)");
   cmd->add_flag("--chat", a->chat, "Wrap the prompt in the model family's chat template");
   cmd->add_option("--system", a->system, "System prompt for --chat");

@@ -8,23 +8,29 @@
 namespace duo::cli {
 
 void DuoOptions::add_to(CLI::App* cmd) {
-  cmd->add_option("--pattern", pattern, "Head pattern directory (full_attention_heads.tsv + config.json)");
-  cmd->add_option("--sparsity", sparsity,
-                  "Fraction of KV heads made streaming, over all layers (default 0.5 with --pattern)");
+  cmd->add_option("--pattern", pattern,
+                  "Head pattern directory (full_attention_heads.tsv + config.json)");
+  cmd->add_option(
+      "--sparsity", sparsity,
+      "Fraction of KV heads made streaming, over all layers (default 0.5 with --pattern)");
   cmd->add_option("--threshold", threshold, "Retrieval iff gate >= T (instead of --sparsity)");
-  cmd->add_option("--sink", sink, "Sink tokens S of streaming heads (default: pattern config, else 64)");
-  cmd->add_option("--recent", recent, "Recent window R of streaming heads (default: pattern config, else 256)");
+  cmd->add_option("--sink", sink,
+                  "Sink tokens S of streaming heads (default: pattern config, else 64)");
+  cmd->add_option("--recent", recent,
+                  "Recent window R of streaming heads (default: pattern config, else 256)");
   cmd->add_option("--streaming-prefill", streaming_prefill,
                   "exact (token-exact, chunk-size invariant) or chunk (the authors' release)")
       ->check(CLI::IsMember({"exact", "chunk"}));
-  cmd->add_flag("--streaming-only", streaming_only, "Every head streaming (the StreamingLLM baseline)");
+  cmd->add_flag("--streaming-only", streaming_only,
+                "Every head streaming (the StreamingLLM baseline)");
 }
 
 ResolvedDuo resolve(const DuoOptions& o, const ModelConfig& c, const std::string& model_dir) {
   ResolvedDuo r;
   check(!(o.sparsity && o.threshold), "give either --sparsity or --threshold, not both");
   check(!(o.streaming_only && (!o.pattern.empty() || o.sparsity || o.threshold)),
-        "--streaming-only makes every head streaming; it takes no --pattern, --sparsity or --threshold");
+        "--streaming-only makes every head streaming; it takes no --pattern, --sparsity or "
+        "--threshold");
   check(o.pattern.empty() ? !(o.sparsity || o.threshold) : true,
         "--sparsity and --threshold need --pattern");
   if (o.sparsity) {

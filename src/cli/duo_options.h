@@ -2,10 +2,9 @@
 // against a model into a head partition and streaming window.
 #pragma once
 
+#include <CLI/CLI.hpp>
 #include <optional>
 #include <string>
-
-#include <CLI/CLI.hpp>
 
 #include "duo/head_pattern.h"
 #include "engine/backend.h"

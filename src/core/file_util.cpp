@@ -17,7 +17,8 @@ namespace duo {
 std::string read_text_file(const std::filesystem::path& path) {
   std::error_code ec;
   check(std::filesystem::exists(path, ec), path.string(), ": file not found");
-  check(!std::filesystem::is_directory(path, ec), path.string(), ": expected a file, found a directory");
+  check(!std::filesystem::is_directory(path, ec), path.string(),
+        ": expected a file, found a directory");
   std::ifstream in(path, std::ios::binary);
   check(in.good(), path.string(), ": cannot open for reading");
   std::ostringstream os;

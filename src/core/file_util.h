@@ -3,9 +3,8 @@
 
 #include <cstddef>
 #include <filesystem>
-#include <string>
-
 #include <nlohmann/json.hpp>
+#include <string>
 
 namespace duo {
 

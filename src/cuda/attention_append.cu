@@ -36,8 +36,8 @@ __global__ void append_kernel(const KArgs a, int head_dim, bool streaming, bf16*
     } else {
       row = static_cast<int64_t>(hh) * a.capacity + j;
     }
-    const int64_t src =
-        i * static_cast<int64_t>(a.num_kv_heads) * head_dim + static_cast<int64_t>(first + hh) * head_dim + col;
+    const int64_t src = i * static_cast<int64_t>(a.num_kv_heads) * head_dim +
+                        static_cast<int64_t>(first + hh) * head_dim + col;
     *reinterpret_cast<uint4*>(dk + row * head_dim + col) =
         *reinterpret_cast<const uint4*>(a.k_new + src);
     *reinterpret_cast<uint4*>(dv + row * head_dim + col) =
@@ -59,7 +59,7 @@ void launch_append(const AttentionParams& p, bool streaming, bf16* dk, bf16* dv,
   int64_t blocks = (total + threads - 1) / threads;
   if (blocks > 65535) blocks = 65535;  // grid-stride loop covers the rest
   append_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(make_kargs(p), p.head_dim,
-                                                                        streaming, dk, dv);
+                                                                       streaming, dk, dv);
   DUO_CUDA_CHECK(cudaGetLastError());
 }
 

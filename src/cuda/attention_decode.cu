@@ -1,8 +1,8 @@
 // Decode attention (n == 1): split-KV ("flash-decoding") over the retrieval and streaming stores in
 // one launch per layer, then a small merge kernel; plus attention()'s dispatch and validation.
 //
-// Split kernel: grid (splits, num_kv_heads * head_tiles), 128 threads. A block takes one KV head and
-// G query heads of its group (G = the largest of 8, 4, 2, 1 dividing the group; head_tiles =
+// Split kernel: grid (splits, num_kv_heads * head_tiles), 128 threads. A block takes one KV head
+// and G query heads of its group (G = the largest of 8, 4, 2, 1 dividing the group; head_tiles =
 // group / G), so every K/V row loaded is used by G query heads. The KV head's visible keys are
 // numbered e = 0 .. count-1 (retrieval: positions 0..p0; streaming: sinks, then the window, the
 // newest token read from k_new / v_new) and cut into `splits` equal pieces rounded up to whole
@@ -81,10 +81,10 @@ __device__ __forceinline__ void bf16x8_to_float(const uint4& u, float* f) {
 }
 
 template <int D, int G>
-__global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const KArgs a, float* ws,
-                                                                       int splits) {
-  constexpr int LPK = D / 8;        // lanes per key
-  constexpr int KPW = 32 / LPK;     // keys per warp step
+__global__ void __launch_bounds__(kDecodeThreads)
+    decode_split_kernel(const KArgs a, float* ws, int splits) {
+  constexpr int LPK = D / 8;     // lanes per key
+  constexpr int KPW = 32 / LPK;  // keys per warp step
   constexpr int WARPS = kDecodeThreads / 32;
   constexpr int GROUPS = WARPS * KPW;  // lane-groups per block
   const int64_t p0 = load_p0(a);
@@ -104,13 +104,16 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const KArg
   float q[G][8];
 #pragma unroll
   for (int hh = 0; hh < G; ++hh) {
-    const uint4 u = *reinterpret_cast<const uint4*>(a.q + static_cast<int64_t>(h0 + hh) * D + sub * 8);
+    const uint4 u =
+        *reinterpret_cast<const uint4*>(a.q + static_cast<int64_t>(h0 + hh) * D + sub * 8);
     bf16x8_to_float(u, q[hh]);
 #pragma unroll
     for (int i = 0; i < 8; ++i) q[hh][i] *= a.scale_log2;
   }
-  const bf16* k_base = retrieval ? a.rk + static_cast<int64_t>(g) * a.capacity * D + sub * 8 : nullptr;
-  const bf16* v_base = retrieval ? a.rv + static_cast<int64_t>(g) * a.capacity * D + sub * 8 : nullptr;
+  const bf16* k_base =
+      retrieval ? a.rk + static_cast<int64_t>(g) * a.capacity * D + sub * 8 : nullptr;
+  const bf16* v_base =
+      retrieval ? a.rv + static_cast<int64_t>(g) * a.capacity * D + sub * 8 : nullptr;
   float m[G], l[G], o[G][8];
 #pragma unroll
   for (int hh = 0; hh < G; ++hh) {
@@ -258,8 +261,8 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const KArg
 }
 
 template <int D>
-__global__ void __launch_bounds__(D) decode_merge_kernel(const KArgs a, const float* ws,
-                                                          int splits) {
+__global__ void __launch_bounds__(D)
+    decode_merge_kernel(const KArgs a, const float* ws, int splits) {
   constexpr int W = D / 32;
   __shared__ float wgt[kMaxSplits];
   __shared__ float red[2][W];
@@ -319,8 +322,8 @@ int decode_occupancy() {
   static int occ = 0;  // benign race: same value from every thread
   if (occ == 0) {
     int v = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, decode_split_kernel<D, G>,
-                                                      kDecodeThreads, 0) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, decode_split_kernel<D, G>, kDecodeThreads,
+                                                      0) != cudaSuccess) {
       cudaGetLastError();
       return 1;
     }
@@ -365,7 +368,8 @@ void launch_decode_g(const KArgs& a, float* ws, int64_t max_splits, cudaStream_t
   int64_t splits = std::max<int64_t>(1, wave / rows);
   if (forced_splits() > 0) splits = forced_splits();
   splits = std::max<int64_t>(1, std::min(splits, max_splits));
-  const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(a.num_kv_heads * head_tiles));
+  const dim3 grid(static_cast<unsigned>(splits),
+                  static_cast<unsigned>(a.num_kv_heads * head_tiles));
   decode_split_kernel<D, G><<<grid, kDecodeThreads, 0, stream>>>(a, ws, static_cast<int>(splits));
   DUO_CUDA_CHECK(cudaGetLastError());
   decode_merge_kernel<D><<<a.num_heads, D, 0, stream>>>(a, ws, static_cast<int>(splits));
@@ -425,7 +429,9 @@ KArgs make_kargs(const AttentionParams& p) {
   return a;
 }
 
-static bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+static bool aligned16(const void* ptr) {
+  return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0;
+}
 
 void validate(const AttentionParams& p, bool for_attention) {
   check(p.head_dim == 64 || p.head_dim == 128, "attention: head_dim ", p.head_dim,
@@ -449,8 +455,8 @@ void validate(const AttentionParams& p, bool for_attention) {
           "attention: retrieval store null or not 16-byte aligned");
   if (p.num_retrieval < p.num_kv_heads) {
     const int64_t want = std::min(p.capacity, p.sink + p.recent);
-    check(p.slots == want, "attention: slots ", p.slots, ", expected min(capacity, S + R) = ",
-          want);
+    check(p.slots == want, "attention: slots ", p.slots,
+          ", expected min(capacity, S + R) = ", want);
     if (for_attention && p.slots > 0)
       check(p.streaming_k != nullptr && p.streaming_v != nullptr && aligned16(p.streaming_k) &&
                 aligned16(p.streaming_v),

@@ -27,8 +27,8 @@ struct KArgs {
   int num_heads;
   int num_kv_heads;
   int num_retrieval;
-  int group;           // num_heads / num_kv_heads
-  float scale_log2;    // scale * log2(e)
+  int group;         // num_heads / num_kv_heads
+  float scale_log2;  // scale * log2(e)
   const bf16* rk;
   const bf16* rv;
   int64_t capacity;
@@ -62,8 +62,7 @@ __device__ __forceinline__ const bf16* key_row(const KArgs& a, int g, bool retri
            static_cast<int64_t>(g) * D;
   }
   const int64_t slot = ::duo::streaming_slot(j, a.S, a.R);
-  return (is_v ? a.sv : a.sk) +
-         (static_cast<int64_t>(g - a.num_retrieval) * a.slots + slot) * D;
+  return (is_v ? a.sv : a.sk) + (static_cast<int64_t>(g - a.num_retrieval) * a.slots + slot) * D;
 }
 
 __device__ __forceinline__ bool key_visible(const KArgs& a, bool retrieval, int64_t t, int64_t j,

@@ -1,8 +1,7 @@
-#include "cuda/attention_naive.h"
-
 #include <cmath>
 
 #include "core/error.h"
+#include "cuda/attention_naive.h"
 #include "cuda/cuda_check.h"
 #include "duo/streaming_window.h"
 
@@ -54,7 +53,8 @@ __global__ void attention_naive_kernel(AttentionParams p) {
   __shared__ float m_s[kWarps], l_s[kWarps];
   __shared__ float acc_s[kWarps][32 * kMaxPerLane];
 
-  const __nv_bfloat16* q = p.q + i * static_cast<int64_t>(p.num_heads) * d + static_cast<int64_t>(h) * d;
+  const __nv_bfloat16* q =
+      p.q + i * static_cast<int64_t>(p.num_heads) * d + static_cast<int64_t>(h) * d;
   for (int c = threadIdx.x; c < d; c += blockDim.x) q_s[c] = __bfloat162float(q[c]);
   __syncthreads();
 
@@ -116,7 +116,8 @@ __global__ void attention_naive_kernel(AttentionParams p) {
   float total = 0.0f;
   for (int w = 0; w < kWarps; ++w)
     if (m_s[w] != -INFINITY) total += l_s[w] * expf(m_s[w] - mx);
-  __nv_bfloat16* o = p.out + i * static_cast<int64_t>(p.num_heads) * d + static_cast<int64_t>(h) * d;
+  __nv_bfloat16* o =
+      p.out + i * static_cast<int64_t>(p.num_heads) * d + static_cast<int64_t>(h) * d;
   for (int c = threadIdx.x; c < d; c += blockDim.x) {
     float v = 0.0f;
     for (int w = 0; w < kWarps; ++w)

@@ -2,12 +2,12 @@
 //
 // Grid (query tiles, query heads); a block of WARPS warps owns BM = 16 * WARPS query rows of one
 // query head; each warp owns 16 rows. Keys are walked in tiles of BN = 64 positions over the
-// candidate ranges of the tile's queries (retrieval: 0..t1; streaming: sinks, then the window), so a
-// streaming head costs O(n * (S + R)). Each key row is gathered (cp.async, 16 bytes, zero-filled
+// candidate ranges of the tile's queries (retrieval: 0..t1; streaming: sinks, then the window), so
+// a streaming head costs O(n * (S + R)). Each key row is gathered (cp.async, 16 bytes, zero-filled
 // past the range end) from wherever its position lives (retrieval store row j, streaming store slot
-// streaming_slot(j), or the new-token tensors), double-buffered in shared memory. Scores and P*V use
-// mma.sync m16n8k16 bf16 -> fp32 (sm_80 and sm_90); ldmatrix(.trans) feeds the fragments; rows are
-// padded by 16 bytes so ldmatrix is bank-conflict free. Masks are evaluated per element only on
+// streaming_slot(j), or the new-token tensors), double-buffered in shared memory. Scores and P*V
+// use mma.sync m16n8k16 bf16 -> fp32 (sm_80 and sm_90); ldmatrix(.trans) feeds the fragments; rows
+// are padded by 16 bytes so ldmatrix is bank-conflict free. Masks are evaluated per element only on
 // tiles that need them (causal diagonal / range end for retrieval; always for streaming tiles).
 #include <cuda_bf16.h>
 
@@ -32,7 +32,9 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
                "r"(bytes));
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::);
+}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
@@ -65,15 +67,15 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 template <int D, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32) prefill_kernel(const KArgs a) {
   constexpr int BM = 16 * WARPS;
-  constexpr int LDS = D + 8;  // padded row (elements)
+  constexpr int LDS = D + 8;   // padded row (elements)
   constexpr int NT = kBN / 8;  // score n-tiles per warp
   constexpr int KD = D / 16;   // k-steps over head_dim
   constexpr int THREADS = WARPS * 32;
   constexpr int CPR = D / 8;  // 16-byte chunks per row
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
-  bf16* sK = sQ + BM * LDS;        // [2][kBN][LDS]
-  bf16* sV = sK + 2 * kBN * LDS;   // [2][kBN][LDS]
+  bf16* sK = sQ + BM * LDS;       // [2][kBN][LDS]
+  bf16* sV = sK + 2 * kBN * LDS;  // [2][kBN][LDS]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t p0 = load_p0(a);

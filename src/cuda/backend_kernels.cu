@@ -1,10 +1,9 @@
 // Kernels of the CUDA backend (see backend_kernels.h).
-#include "cuda/backend_kernels.h"
-
 #include <algorithm>
 #include <cmath>
 
 #include "core/error.h"
+#include "cuda/backend_kernels.h"
 #include "cuda/cuda_check.h"
 #include "engine/random_fill.h"
 
@@ -81,8 +80,9 @@ __global__ void rmsnorm_kernel(const bf16* x, const bf16* w, float eps, int64_t 
 // ~1e-7..1e-6 absolute for the large angles of long contexts (pos up to 1e6, angle = pos * 1).
 // The rotation is fp32 and the result is rounded to bf16 (2^-9 relative), which dominates:
 // measured NMSE vs the CPU <= 3.1e-6 (and exactly 0 on the 1-row cases).
-__global__ void rope_kernel(bf16* x, int64_t cols, int heads, int head_dim, const int64_t* positions,
-                            const float* inv_freq, float attention_scaling) {
+__global__ void rope_kernel(bf16* x, int64_t cols, int heads, int head_dim,
+                            const int64_t* positions, const float* inv_freq,
+                            float attention_scaling) {
   extern __shared__ float cs[];  // [half] cos, then [half] sin
   const int half = head_dim / 2;
   const int64_t r = blockIdx.x;
@@ -184,8 +184,8 @@ void rope(bf16* x, int64_t rows, int64_t cols, int heads, int head_dim, const in
   if (rows <= 0) return;
   check(rows <= 0x7fffffff, "rope: too many rows");
   const size_t smem = static_cast<size_t>(head_dim) * sizeof(float);
-  rope_kernel<<<static_cast<unsigned>(rows), 256, smem, stream>>>(x, cols, heads, head_dim, positions,
-                                                                  inv_freq, attention_scaling);
+  rope_kernel<<<static_cast<unsigned>(rows), 256, smem, stream>>>(
+      x, cols, heads, head_dim, positions, inv_freq, attention_scaling);
   DUO_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -205,7 +205,8 @@ void linear_fallback(const bf16* x, const bf16* w, const bf16* bias, bf16* out, 
                      int64_t m, int64_t k, cudaStream_t stream) {
   if (n <= 0 || m <= 0) return;
   check((n + 15) / 16 <= 65535, "linear_fallback: too many rows");
-  dim3 block(16, 16), grid(static_cast<unsigned>((m + 15) / 16), static_cast<unsigned>((n + 15) / 16));
+  dim3 block(16, 16),
+      grid(static_cast<unsigned>((m + 15) / 16), static_cast<unsigned>((n + 15) / 16));
   linear_fallback_kernel<<<grid, block, 0, stream>>>(x, w, bias, out, n, m, k);
   DUO_CUDA_CHECK(cudaGetLastError());
 }

@@ -19,8 +19,8 @@
 #include "core/error.h"
 #include "cuda/attention.h"
 #include "cuda/attention_naive.h"
-#include "cuda/cuda_check.h"
 #include "cuda/backend_kernels.h"
+#include "cuda/cuda_check.h"
 
 namespace duo {
 
@@ -28,7 +28,9 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-bf16* bp(const Tensor& t) { return static_cast<bf16*>(t.data); }
+bf16* bp(const Tensor& t) {
+  return static_cast<bf16*>(t.data);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Device memory with accounting
@@ -278,8 +280,8 @@ class CudaBackend final : public Backend {
 
   void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& out) override {
     const int64_t n = x.rows, k = x.cols, m = w.rows;
-    check(w.cols == k && out.rows == n && out.cols == m, "linear: x ", x.rows, "x", x.cols,
-          ", w ", w.rows, "x", w.cols, ", out ", out.rows, "x", out.cols, " do not match");
+    check(w.cols == k && out.rows == n && out.cols == m, "linear: x ", x.rows, "x", x.cols, ", w ",
+          w.rows, "x", w.cols, ", out ", out.rows, "x", out.cols, " do not match");
     check(bias == nullptr || bias->numel() == m, "linear: bias has ", bias ? bias->numel() : 0,
           " elements, expected ", m);
     if (n == 0 || m == 0) return;
@@ -308,7 +310,8 @@ class CudaBackend final : public Backend {
           " frequencies for head_dim ", head_dim);
     if (x.rows == 0) return;
     if (f.inv_freq != inv_freq_host_) {
-      float* d = static_cast<float*>(scratch(inv_freq_buf_, static_cast<int64_t>(f.inv_freq.size()) * 4, "rope frequencies"));
+      float* d = static_cast<float*>(
+          scratch(inv_freq_buf_, static_cast<int64_t>(f.inv_freq.size()) * 4, "rope frequencies"));
       DUO_CUDA_CHECK(cudaMemcpyAsync(d, f.inv_freq.data(), f.inv_freq.size() * 4,
                                      cudaMemcpyHostToDevice, stream_));
       inv_freq_host_ = f.inv_freq;
@@ -388,8 +391,10 @@ class CudaBackend final : public Backend {
       if (lc.num_streaming > 0) cuda::append_streaming_naive(p, lc.sk, lc.sv, stream_);
       return;
     }
-    const int64_t ws = cuda::attention_workspace_bytes(n, p.num_heads, p.head_dim, s.capacity, num_sms_);
-    p.workspace = ws > 0 ? static_cast<float*>(scratch(attn_workspace_, ws, "attention workspace")) : nullptr;
+    const int64_t ws =
+        cuda::attention_workspace_bytes(n, p.num_heads, p.head_dim, s.capacity, num_sms_);
+    p.workspace =
+        ws > 0 ? static_cast<float*>(scratch(attn_workspace_, ws, "attention workspace")) : nullptr;
     p.workspace_bytes = ws;
     if (lc.num_retrieval > 0) cuda::append_retrieval(p, lc.rk, lc.rv, stream_);
     cuda::attention(p, stream_);
@@ -434,28 +439,41 @@ class CudaBackend final : public Backend {
     // Column-major view: out^T [m x n] = w [k x m]^T * x^T [k x n].
     DUO_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-    DUO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
-    DUO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+    DUO_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+    DUO_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
     if (bias != nullptr) {
       const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
-      DUO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
+      DUO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE,
+                                                      &epi, sizeof(epi)));
       const cudaDataType_t bt = CUDA_R_16BF;
-      DUO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof(bt)));
-      DUO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+      DUO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(
+          plan.desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof(bt)));
+      DUO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                                                      &bias, sizeof(bias)));
     }
-    DUO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.a, CUDA_R_16BF, static_cast<uint64_t>(k), static_cast<uint64_t>(m), k));
-    DUO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.b, CUDA_R_16BF, static_cast<uint64_t>(k), static_cast<uint64_t>(n), k));
-    DUO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.c, CUDA_R_16BF, static_cast<uint64_t>(m), static_cast<uint64_t>(n), m));
+    DUO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.a, CUDA_R_16BF, static_cast<uint64_t>(k),
+                                                static_cast<uint64_t>(m), k));
+    DUO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.b, CUDA_R_16BF, static_cast<uint64_t>(k),
+                                                static_cast<uint64_t>(n), k));
+    DUO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.c, CUDA_R_16BF, static_cast<uint64_t>(m),
+                                                static_cast<uint64_t>(n), m));
     cublasLtMatmulPreference_t pref = nullptr;
     DUO_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     const uint64_t wsb = static_cast<uint64_t>(workspace_bytes_);
-    DUO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof(wsb)));
+    DUO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof(wsb)));
     const uint32_t al_a = static_cast<uint32_t>(aw), al_b = static_cast<uint32_t>(ax),
                    al_c = static_cast<uint32_t>(ao);
-    DUO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, sizeof(al_a)));
-    DUO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof(al_b)));
-    DUO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof(al_c)));
-    DUO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof(al_c)));
+    DUO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, sizeof(al_a)));
+    DUO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof(al_b)));
+    DUO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof(al_c)));
+    DUO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof(al_c)));
     cublasLtMatmulHeuristicResult_t result{};
     int found = 0;
     const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt_, plan.desc, plan.a, plan.b, plan.c,
@@ -492,7 +510,9 @@ class CudaBackend final : public Backend {
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cuda_backend(int device) { return std::make_unique<CudaBackend>(device); }
+std::unique_ptr<Backend> make_cuda_backend(int device) {
+  return std::make_unique<CudaBackend>(device);
+}
 
 namespace cuda {
 

@@ -10,7 +10,8 @@
 // Memory accounting: every device allocation of the backend (weights, scratch, KV stores, token
 // buffers, the cuBLASLt workspace, attention workspace) goes through one counter;
 // device_memory_in_use() / device_memory_peak() report it (the CUDA context itself and cuBLASLt's
-// internal allocations are not included; device_memory_used() reports total - free from the driver).
+// internal allocations are not included; device_memory_used() reports total - free from the
+// driver).
 #pragma once
 
 #include <cstdint>

@@ -33,7 +33,7 @@ struct CacheSpec {
   int64_t num_layers = 0;
   int64_t num_kv_heads = 0;
   int64_t head_dim = 0;
-  int64_t capacity = 0;  // max tokens (the context length)
+  int64_t capacity = 0;                // max tokens (the context length)
   std::vector<int64_t> num_retrieval;  // per layer
   int64_t sink = 0;
   int64_t recent = 0;
@@ -64,7 +64,8 @@ class KVCache {
 // query at position >= query_begin, the probability mass each query head puts on keys outside a
 // streaming window (sink <= j <= t - recent) and inside key_ranges (all keys when it is empty),
 // and how far the head's output moves when it only sees the window (relative squared distance
-// between full attention and attention renormalised over the window), per (layer, physical KV head).
+// between full attention and attention renormalised over the window), per (layer, physical KV
+// head).
 struct LongRangeProbe {
   int64_t query_begin = 0;
   int64_t sink = 0;
@@ -72,7 +73,7 @@ struct LongRangeProbe {
   std::vector<std::pair<int64_t, int64_t>> key_ranges;  // [begin, end) position ranges
   std::vector<double> mass;       // [layers * kv_heads], sums of probabilities
   std::vector<double> deviation;  // [layers * kv_heads], sums of |o_full - o_window|^2 / |o_full|^2
-  std::vector<double> weight;  // [layers * kv_heads], number of (query, query head) pairs summed
+  std::vector<double> weight;     // [layers * kv_heads], number of (query, query head) pairs summed
 };
 
 class Backend {

@@ -16,7 +16,9 @@ namespace duo {
 
 namespace {
 
-float* fp(const Tensor& t) { return static_cast<float*>(t.data); }
+float* fp(const Tensor& t) {
+  return static_cast<float*>(t.data);
+}
 
 // Per-layer K/V stores in host memory.
 //   retrieval K/V: [num_retrieval][capacity][head_dim]   (position j at row j)
@@ -202,7 +204,8 @@ class CpuBackend final : public Backend {
     std::vector<float> cs(static_cast<size_t>(head_dim / 2)), sn(cs.size());
     for (int64_t r = 0; r < x.rows; ++r) {
       rope_cos_sin(f, positions[r], cs.data(), sn.data());
-      for (int64_t h = 0; h < heads; ++h) rope_rotate(fp(x) + r * x.cols + h * head_dim, head_dim, cs.data(), sn.data());
+      for (int64_t h = 0; h < heads; ++h)
+        rope_rotate(fp(x) + r * x.cols + h * head_dim, head_dim, cs.data(), sn.data());
     }
   }
 
@@ -227,14 +230,14 @@ class CpuBackend final : public Backend {
     const int64_t n = q.rows, d = s.head_dim, hkv = s.num_kv_heads;
     const int64_t group = num_heads / hkv;
     const int64_t p0 = cache.length();
-    check(p0 + n <= s.capacity, "context length exceeded: ", p0 + n, " tokens, but the cache holds ",
-          s.capacity, " (raise -c)");
+    check(p0 + n <= s.capacity, "context length exceeded: ", p0 + n,
+          " tokens, but the cache holds ", s.capacity, " (raise -c)");
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
     probe_slot_ = layer * hkv;
     for (int64_t g = 0; g < hkv; ++g) {
       const bool retrieval = g < lc.num_retrieval;
-      KeySource src{fp(k) + g * d, fp(v) + g * d, k.cols, nullptr, nullptr, p0, retrieval,
-                    s.sink, s.recent, d};
+      KeySource src{fp(k) + g * d, fp(v) + g * d, k.cols,   nullptr, nullptr, p0,
+                    retrieval,     s.sink,        s.recent, d};
       if (retrieval) {
         src.store_k = lc.rk.data() + g * s.capacity * d;
         src.store_v = lc.rv.data() + g * s.capacity * d;
@@ -286,8 +289,9 @@ class CpuBackend final : public Backend {
         sum += x;
       }
       if (probe_ != nullptr && t >= probe_->query_begin) {
-        probe_row(t, static_cast<int64_t>(keys.size()), d, [&](int64_t e) { return keys[e]; },
-                  [&](int64_t e) { return scores[e] / sum; }, [&](int64_t e) { return src.v(keys[e]); });
+        probe_row(
+            t, static_cast<int64_t>(keys.size()), d, [&](int64_t e) { return keys[e]; },
+            [&](int64_t e) { return scores[e] / sum; }, [&](int64_t e) { return src.v(keys[e]); });
       }
       float* o = fp(out) + i * out.cols + h * d;
       std::fill(o, o + d, 0.0f);
@@ -316,14 +320,16 @@ class CpuBackend final : public Backend {
       kbuf_.resize(static_cast<size_t>(nk * d));
       vbuf_.resize(static_cast<size_t>(nk * d));
       for (int64_t e = 0; e < nk; ++e) {
-        std::memcpy(kbuf_.data() + e * d, src.k(positions_[e]), static_cast<size_t>(d) * sizeof(float));
-        std::memcpy(vbuf_.data() + e * d, src.v(positions_[e]), static_cast<size_t>(d) * sizeof(float));
+        std::memcpy(kbuf_.data() + e * d, src.k(positions_[e]),
+                    static_cast<size_t>(d) * sizeof(float));
+        std::memcpy(vbuf_.data() + e * d, src.v(positions_[e]),
+                    static_cast<size_t>(d) * sizeof(float));
       }
       sbuf_.resize(static_cast<size_t>(nb * nk));
       const float* qb = fp(q) + b0 * q.cols + h * d;
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(nb), static_cast<int>(nk),
-                  static_cast<int>(d), scale, qb, static_cast<int>(q.cols), kbuf_.data(),
-                  static_cast<int>(d), 0.0f, sbuf_.data(), static_cast<int>(nk));
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(nb),
+                  static_cast<int>(nk), static_cast<int>(d), scale, qb, static_cast<int>(q.cols),
+                  kbuf_.data(), static_cast<int>(d), 0.0f, sbuf_.data(), static_cast<int>(nk));
       for (int64_t i = 0; i < nb; ++i) {
         float* row = sbuf_.data() + i * nk;
         const int64_t t = t0 + i;
@@ -342,14 +348,16 @@ class CpuBackend final : public Backend {
         }
         for (int64_t e = 0; e < nk; ++e) row[e] /= sum;
         if (probe_ != nullptr && t >= probe_->query_begin) {
-          probe_row(t, nk, d, [&](int64_t e) { return positions_[e]; }, [&](int64_t e) { return row[e]; },
-                    [&](int64_t e) { return vbuf_.data() + e * d; });
+          probe_row(
+              t, nk, d, [&](int64_t e) { return positions_[e]; }, [&](int64_t e) { return row[e]; },
+              [&](int64_t e) { return vbuf_.data() + e * d; });
         }
       }
       float* ob = fp(out) + b0 * out.cols + h * d;
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(nb), static_cast<int>(d),
-                  static_cast<int>(nk), 1.0f, sbuf_.data(), static_cast<int>(nk), vbuf_.data(),
-                  static_cast<int>(d), 0.0f, ob, static_cast<int>(out.cols));
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(nb),
+                  static_cast<int>(d), static_cast<int>(nk), 1.0f, sbuf_.data(),
+                  static_cast<int>(nk), vbuf_.data(), static_cast<int>(d), 0.0f, ob,
+                  static_cast<int>(out.cols));
     }
   }
 
@@ -370,8 +378,10 @@ class CpuBackend final : public Backend {
         row = streaming_slot(j, s.sink, s.recent);
         if (row < 0 || row >= cache.streaming_slots()) continue;
       }
-      std::memcpy(sk + row * d, src.chunk_k + i * src.kv_stride, static_cast<size_t>(d) * sizeof(float));
-      std::memcpy(sv + row * d, src.chunk_v + i * src.kv_stride, static_cast<size_t>(d) * sizeof(float));
+      std::memcpy(sk + row * d, src.chunk_k + i * src.kv_stride,
+                  static_cast<size_t>(d) * sizeof(float));
+      std::memcpy(sv + row * d, src.chunk_v + i * src.kv_stride,
+                  static_cast<size_t>(d) * sizeof(float));
     }
   }
 
@@ -421,6 +431,8 @@ void Backend::set_long_range_probe(LongRangeProbe*) {
   fail("backend ", name(), " does not collect attention statistics (use --backend cpu)");
 }
 
-std::unique_ptr<Backend> make_cpu_backend(CpuMode mode) { return std::make_unique<CpuBackend>(mode); }
+std::unique_ptr<Backend> make_cpu_backend(CpuMode mode) {
+  return std::make_unique<CpuBackend>(mode);
+}
 
 }  // namespace duo

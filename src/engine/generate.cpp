@@ -27,7 +27,8 @@ GenerateResult generate(Model& model, KVCache& cache, std::span<const int32_t> p
   for (int64_t p = 0; p < n; p += opt.chunk) {
     const int64_t len = std::min(opt.chunk, n - p);
     const bool last = p + len == n;
-    logits = model.forward(prompt.subspan(static_cast<size_t>(p), static_cast<size_t>(len)), cache, last ? 1 : 0);
+    logits = model.forward(prompt.subspan(static_cast<size_t>(p), static_cast<size_t>(len)), cache,
+                           last ? 1 : 0);
     if (cb.on_prefill) cb.on_prefill(p + len, n);
   }
   const auto t1 = clock::now();

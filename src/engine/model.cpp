@@ -18,7 +18,8 @@ HeadLayout HeadLayout::from_partition(const ModelConfig& c, const HeadPartition&
         p.num_layers, " layers x ", p.num_kv_heads, " KV heads does not match the model (",
         c.num_layers, " x ", c.num_kv_heads, ")");
   HeadLayout h;
-  for (int64_t l = 0; l < c.num_layers; ++l) h.layers.push_back(layer_head_order(p, l, c.group_size()));
+  for (int64_t l = 0; l < c.num_layers; ++l)
+    h.layers.push_back(layer_head_order(p, l, c.group_size()));
   return h;
 }
 
@@ -35,8 +36,8 @@ void HeadLayout::validate(const ModelConfig& c) const {
     const LayerHeadOrder& o = layers[l];
     std::vector<int32_t> sorted = o.kv_order;
     std::sort(sorted.begin(), sorted.end());
-    bool ok = static_cast<int64_t>(sorted.size()) == c.num_kv_heads &&
-              o.num_retrieval >= 0 && o.num_retrieval <= c.num_kv_heads &&
+    bool ok = static_cast<int64_t>(sorted.size()) == c.num_kv_heads && o.num_retrieval >= 0 &&
+              o.num_retrieval <= c.num_kv_heads &&
               static_cast<int64_t>(o.q_order.size()) == c.num_heads;
     for (int64_t i = 0; ok && i < c.num_kv_heads; ++i) ok = sorted[i] == i;
     for (int64_t i = 0; ok && i < c.num_heads; ++i)
@@ -54,7 +55,8 @@ std::vector<float> permute_head_rows(const std::vector<float>& w, const std::vec
   std::vector<float> out(w.size());
   const int64_t block = head_dim * cols;
   for (size_t p = 0; p < order.size(); ++p)
-    std::copy(w.begin() + order[p] * block, w.begin() + (order[p] + 1) * block, out.begin() + p * block);
+    std::copy(w.begin() + order[p] * block, w.begin() + (order[p] + 1) * block,
+              out.begin() + p * block);
   return out;
 }
 
@@ -65,7 +67,8 @@ std::vector<float> permute_head_cols(const std::vector<float>& w, const std::vec
   const int64_t cols = static_cast<int64_t>(order.size()) * head_dim;
   for (int64_t r = 0; r < rows; ++r)
     for (size_t p = 0; p < order.size(); ++p)
-      std::copy(w.begin() + r * cols + order[p] * head_dim, w.begin() + r * cols + (order[p] + 1) * head_dim,
+      std::copy(w.begin() + r * cols + order[p] * head_dim,
+                w.begin() + r * cols + (order[p] + 1) * head_dim,
                 out.begin() + r * cols + static_cast<int64_t>(p) * head_dim);
   return out;
 }
@@ -111,14 +114,27 @@ void Model::load_checkpoint(const std::filesystem::path& model_dir) {
     LayerWeights w;
     w.attn_norm = up2(ws.load_f32(p + "input_layernorm.weight", {H}), 1, H);
     w.mlp_norm = up2(ws.load_f32(p + "post_attention_layernorm.weight", {H}), 1, H);
-    w.wq = up2(permute_head_rows(ws.load_f32(p + "self_attn.q_proj.weight", {c.q_dim(), H}), qo, d, H), c.q_dim(), H);
-    w.wk = up2(permute_head_rows(ws.load_f32(p + "self_attn.k_proj.weight", {c.kv_dim(), H}), kvo, d, H), c.kv_dim(), H);
-    w.wv = up2(permute_head_rows(ws.load_f32(p + "self_attn.v_proj.weight", {c.kv_dim(), H}), kvo, d, H), c.kv_dim(), H);
-    w.wo = up2(permute_head_cols(ws.load_f32(p + "self_attn.o_proj.weight", {H, c.q_dim()}), qo, d, H), H, c.q_dim());
+    w.wq =
+        up2(permute_head_rows(ws.load_f32(p + "self_attn.q_proj.weight", {c.q_dim(), H}), qo, d, H),
+            c.q_dim(), H);
+    w.wk = up2(
+        permute_head_rows(ws.load_f32(p + "self_attn.k_proj.weight", {c.kv_dim(), H}), kvo, d, H),
+        c.kv_dim(), H);
+    w.wv = up2(
+        permute_head_rows(ws.load_f32(p + "self_attn.v_proj.weight", {c.kv_dim(), H}), kvo, d, H),
+        c.kv_dim(), H);
+    w.wo =
+        up2(permute_head_cols(ws.load_f32(p + "self_attn.o_proj.weight", {H, c.q_dim()}), qo, d, H),
+            H, c.q_dim());
     if (c.qkv_bias) {
-      w.bq = up2(permute_head_rows(ws.load_f32(p + "self_attn.q_proj.bias", {c.q_dim()}), qo, d, 1), 1, c.q_dim());
-      w.bk = up2(permute_head_rows(ws.load_f32(p + "self_attn.k_proj.bias", {c.kv_dim()}), kvo, d, 1), 1, c.kv_dim());
-      w.bv = up2(permute_head_rows(ws.load_f32(p + "self_attn.v_proj.bias", {c.kv_dim()}), kvo, d, 1), 1, c.kv_dim());
+      w.bq = up2(permute_head_rows(ws.load_f32(p + "self_attn.q_proj.bias", {c.q_dim()}), qo, d, 1),
+                 1, c.q_dim());
+      w.bk =
+          up2(permute_head_rows(ws.load_f32(p + "self_attn.k_proj.bias", {c.kv_dim()}), kvo, d, 1),
+              1, c.kv_dim());
+      w.bv =
+          up2(permute_head_rows(ws.load_f32(p + "self_attn.v_proj.bias", {c.kv_dim()}), kvo, d, 1),
+              1, c.kv_dim());
     }
     // The o_proj bias lives in the output (hidden) space: it is never permuted.
     if (c.o_bias) w.bo = up2(ws.load_f32(p + "self_attn.o_proj.bias", {H}), 1, H);
@@ -196,7 +212,8 @@ void Model::reserve(int64_t rows) {
   reserved_ = rows;
 }
 
-std::vector<float> Model::forward(std::span<const int32_t> tokens, KVCache& cache, int64_t logit_rows) {
+std::vector<float> Model::forward(std::span<const int32_t> tokens, KVCache& cache,
+                                  int64_t logit_rows) {
   const ModelConfig& c = config_;
   Backend& b = *backend_;
   const int64_t n = static_cast<int64_t>(tokens.size());
@@ -212,20 +229,21 @@ std::vector<float> Model::forward(std::span<const int32_t> tokens, KVCache& cach
 
   auto rows = [&](const Tensor& t) { return b.view_rows(t, 0, n); };
   Tensor x = rows(x_), xn = rows(xn_), q = rows(q_), k = rows(k_), v = rows(v_);
-  Tensor attn = rows(attn_), proj = rows(proj_), gate = rows(gate_), up = rows(up_), act = rows(act_);
+  Tensor attn = rows(attn_), proj = rows(proj_), gate = rows(gate_), up = rows(up_),
+         act = rows(act_);
 
   b.embed(embed_, tokens, x);  // x [n, hidden]
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerWeights& w = layers_[l];
     // Attention block: x += o_proj(attention(rope(q), rope(k), v))
     b.rmsnorm(x, w.attn_norm, static_cast<float>(c.rms_norm_eps), xn);  // [n, hidden]
-    b.linear(xn, w.wq, w.bq.data ? &w.bq : nullptr, q);                  // [n, heads * d]
-    b.linear(xn, w.wk, w.bk.data ? &w.bk : nullptr, k);                  // [n, kv_heads * d]
-    b.linear(xn, w.wv, w.bv.data ? &w.bv : nullptr, v);                  // [n, kv_heads * d]
+    b.linear(xn, w.wq, w.bq.data ? &w.bq : nullptr, q);                 // [n, heads * d]
+    b.linear(xn, w.wk, w.bk.data ? &w.bk : nullptr, k);                 // [n, kv_heads * d]
+    b.linear(xn, w.wv, w.bv.data ? &w.bv : nullptr, v);                 // [n, kv_heads * d]
     b.rope(q, c.num_heads, c.head_dim, positions, freqs);
     b.rope(k, c.num_kv_heads, c.head_dim, positions, freqs);
-    b.attention(cache, l, q, k, v, c.num_heads, attn);                   // [n, heads * d]
-    b.linear(attn, w.wo, w.bo.data ? &w.bo : nullptr, proj);             // [n, hidden]
+    b.attention(cache, l, q, k, v, c.num_heads, attn);        // [n, heads * d]
+    b.linear(attn, w.wo, w.bo.data ? &w.bo : nullptr, proj);  // [n, hidden]
     b.add(x, proj);
     // MLP block: x += down(silu(gate(x)) * up(x))
     b.rmsnorm(x, w.mlp_norm, static_cast<float>(c.rms_norm_eps), xn);

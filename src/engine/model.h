@@ -7,8 +7,8 @@
 #include <span>
 #include <vector>
 
-#include "engine/backend.h"
 #include "duo/head_pattern.h"
+#include "engine/backend.h"
 #include "engine/rope.h"
 #include "model/config.h"
 
@@ -53,7 +53,8 @@ class Model {
 
   // Runs tokens (at positions cache.length() ...) through the model, appending to the cache.
   // Returns logits [tokens.size() x vocab] for the last `logit_rows` tokens (row-major).
-  std::vector<float> forward(std::span<const int32_t> tokens, KVCache& cache, int64_t logit_rows = 1);
+  std::vector<float> forward(std::span<const int32_t> tokens, KVCache& cache,
+                             int64_t logit_rows = 1);
 
  private:
   void load_checkpoint(const std::filesystem::path& model_dir);

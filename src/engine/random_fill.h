@@ -33,7 +33,7 @@ DUO_RF_HD inline uint64_t splitmix64(uint64_t x) {
 // A standard normal for element `index` of the stream `seed`.
 DUO_RF_HD inline float random_normal_at(uint64_t seed, uint64_t index) {
   const uint64_t h = splitmix64(seed ^ splitmix64(index));
-  const double u1 = (static_cast<double>(h >> 40) + 1.0) * (1.0 / 16777216.0);  // (0, 1]
+  const double u1 = (static_cast<double>(h >> 40) + 1.0) * (1.0 / 16777216.0);       // (0, 1]
   const double u2 = static_cast<double>((h >> 16) & 0xFFFFFF) * (1.0 / 16777216.0);  // [0, 1)
   const double r = sqrt(-2.0 * log(u1));
   return static_cast<float>(r * cos(6.283185307179586 * u2));

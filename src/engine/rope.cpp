@@ -103,7 +103,8 @@ RopeFrequencies compute_rope_frequencies(const ModelConfig& c, int64_t seq_len) 
         float ramp = (static_cast<float>(i) - static_cast<float>(lo)) / static_cast<float>(hi - lo);
         ramp = std::clamp(ramp, 0.0f, 1.0f);
         const float extrapolation_factor = 1.0f - ramp;
-        out.inv_freq[i] = interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor;
+        out.inv_freq[i] =
+            interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor;
       }
       out.attention_scaling = static_cast<float>(attention_factor);
       break;

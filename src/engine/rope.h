@@ -10,12 +10,13 @@
 namespace duo {
 
 struct RopeFrequencies {
-  std::vector<float> inv_freq;    // [head_dim / 2]
+  std::vector<float> inv_freq;     // [head_dim / 2]
   float attention_scaling = 1.0f;  // multiplies cos and sin (yarn)
 };
 
 // Inverse frequencies for a forward pass whose largest position + 1 is seq_len. Only the dynamic
-// type depends on seq_len (transformers recomputes its base when seq_len > max_position_embeddings).
+// type depends on seq_len (transformers recomputes its base when seq_len >
+// max_position_embeddings).
 RopeFrequencies compute_rope_frequencies(const ModelConfig& c, int64_t seq_len);
 
 // Tracks transformers' dynamic-NTK state across forward calls (grow when a call reaches past the

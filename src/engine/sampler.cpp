@@ -10,12 +10,16 @@
 namespace duo {
 
 void validate(const SamplingParams& p) {
-  check(std::isfinite(p.temperature) && p.temperature >= 0, "--temp must be >= 0, got ", p.temperature);
+  check(std::isfinite(p.temperature) && p.temperature >= 0, "--temp must be >= 0, got ",
+        p.temperature);
   check(p.top_k >= 0, "--top-k must be >= 0, got ", p.top_k);
-  check(std::isfinite(p.top_p) && p.top_p > 0 && p.top_p <= 1, "--top-p must be in (0, 1], got ", p.top_p);
+  check(std::isfinite(p.top_p) && p.top_p > 0 && p.top_p <= 1, "--top-p must be in (0, 1], got ",
+        p.top_p);
 }
 
-Sampler::Sampler(const SamplingParams& p) : p_(p), rng_(p.seed) { validate(p); }
+Sampler::Sampler(const SamplingParams& p) : p_(p), rng_(p.seed) {
+  validate(p);
+}
 
 int32_t Sampler::sample(std::span<const float> logits) {
   const int64_t n = static_cast<int64_t>(logits.size());
@@ -26,7 +30,8 @@ int32_t Sampler::sample(std::span<const float> logits) {
   // Candidates sorted by logit (descending; ties by id), cut by top-k then top-p.
   std::vector<int32_t> ids(static_cast<size_t>(n));
   std::iota(ids.begin(), ids.end(), 0);
-  std::stable_sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+  std::stable_sort(ids.begin(), ids.end(),
+                   [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
   int64_t keep = n;
   if (p_.top_k > 0) keep = std::min(keep, p_.top_k);
   std::vector<double> prob(static_cast<size_t>(keep));

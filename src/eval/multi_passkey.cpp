@@ -8,18 +8,19 @@ namespace duo {
 
 namespace {
 
-const char* kNato[] = {"alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
-                       "juliet", "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo",
-                       "sierra", "tango", "uniform", "victor", "whiskey", "xray", "yankee", "zulu"};
-const char* kOrdinals[] = {"first", "second", "third", "fourth", "fifth",
-                           "sixth", "seventh", "eighth", "ninth", "tenth"};
+const char* kNato[] = {"alpha",  "bravo",   "charlie", "delta",  "echo",   "foxtrot", "golf",
+                       "hotel",  "india",   "juliet",  "kilo",   "lima",   "mike",    "november",
+                       "oscar",  "papa",    "quebec",  "romeo",  "sierra", "tango",   "uniform",
+                       "victor", "whiskey", "xray",    "yankee", "zulu"};
+const char* kOrdinals[] = {"first", "second",  "third",  "fourth", "fifth",
+                           "sixth", "seventh", "eighth", "ninth",  "tenth"};
 
 // The demo models' four numeric wordings and their first questions (tools/make_needle_data.py).
-const char* kQaNeedles[] = {"The pass key is {n}. Remember it. {n} is the pass key.", "The secret passkey is {n}.",
-                            "Remember this number: the access code is {n}.",
-                            "The magic number is {n}. Keep it in mind."};
-const char* kQaQuestions[] = {"What is the pass key?", "What is the secret passkey?", "What is the access code?",
-                              "What is the magic number?"};
+const char* kQaNeedles[] = {
+    "The pass key is {n}. Remember it. {n} is the pass key.", "The secret passkey is {n}.",
+    "Remember this number: the access code is {n}.", "The magic number is {n}. Keep it in mind."};
+const char* kQaQuestions[] = {"What is the pass key?", "What is the secret passkey?",
+                              "What is the access code?", "What is the magic number?"};
 
 std::string fill(std::string tmpl, const std::string& n) {
   for (size_t at; (at = tmpl.find("{n}")) != std::string::npos;) tmpl.replace(at, 3, n);
@@ -36,7 +37,8 @@ PasskeySample make_multi_passkey_sample(const Tokenizer& tok, const std::vector<
   check(opt.haystack_tokens > 0, "passkeys: haystack length must be positive");
   check(static_cast<int64_t>(haystack.size()) >= opt.haystack_tokens, "passkeys: haystack holds ",
         haystack.size(), " tokens, need ", opt.haystack_tokens);
-  const int64_t start = static_cast<int64_t>(rng() % static_cast<uint64_t>(haystack.size() - opt.haystack_tokens + 1));
+  const int64_t start = static_cast<int64_t>(
+      rng() % static_cast<uint64_t>(haystack.size() - opt.haystack_tokens + 1));
   const int64_t n = opt.haystack_tokens;
   PasskeySample s;
   std::vector<int64_t> depths;
@@ -59,7 +61,8 @@ PasskeySample make_multi_passkey_sample(const Tokenizer& tok, const std::vector<
       }
     }
     s.passkeys.push_back(key);
-    s.ids.insert(s.ids.end(), haystack.begin() + start + cursor, haystack.begin() + start + depths[k]);
+    s.ids.insert(s.ids.end(), haystack.begin() + start + cursor,
+                 haystack.begin() + start + depths[k]);
     cursor = depths[k];
     s.needle_positions.push_back(static_cast<int64_t>(s.ids.size()));
     std::string text;

@@ -22,7 +22,8 @@ struct PasskeySample {
 
 enum class PasskeyStyle {
   kDuo,  // section 4: NATO-word passkeys, "Remember this sequence of words..." (the default)
-  kQa,   // numeric passkeys in the demo models' "Question: ...\nAnswer: ..." format (docs/demo_models.md)
+  kQa,   // numeric passkeys in the demo models' "Question: ...\nAnswer: ..." format
+         // (docs/demo_models.md)
 };
 
 struct PasskeyOptions {

@@ -13,20 +13,26 @@
 namespace duo {
 
 Needle classic_sentence_needle() {
-  const std::string s = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.";
+  const std::string s =
+      "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny "
+      "day.";
   return {s, "What is the best thing to do in San Francisco?", s};
 }
 
 Needle passkey_needle(uint64_t seed) {
   std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ull + 17);
   const std::string n = std::to_string(10000 + rng() % 90000);
-  return {"The pass key is " + n + ". Remember it. " + n + " is the pass key.", "What is the pass key?", n};
+  return {"The pass key is " + n + ". Remember it. " + n + " is the pass key.",
+          "What is the pass key?", n};
 }
 
-std::vector<int32_t> haystack_tokens(const Tokenizer& tok, const std::filesystem::path& dir, int64_t min_tokens) {
+std::vector<int32_t> haystack_tokens(const Tokenizer& tok, const std::filesystem::path& dir,
+                                     int64_t min_tokens) {
   std::string text;
   if (dir.empty()) {
-    text = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
+    text =
+        "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back "
+        "again. ";
   } else {
     std::error_code ec;
     check(std::filesystem::is_directory(dir, ec), dir.string(), ": haystack directory not found");
@@ -40,21 +46,27 @@ std::vector<int32_t> haystack_tokens(const Tokenizer& tok, const std::filesystem
   std::vector<int32_t> unit = tok.encode(text, false);
   check(!unit.empty(), "haystack text tokenizes to nothing");
   std::vector<int32_t> out;
-  while (static_cast<int64_t>(out.size()) < min_tokens) out.insert(out.end(), unit.begin(), unit.end());
+  while (static_cast<int64_t>(out.size()) < min_tokens)
+    out.insert(out.end(), unit.begin(), unit.end());
   return out;
 }
 
-NiahPrompt build_niah_prompt(const Tokenizer& tok, const std::vector<int32_t>& haystack, const Needle& n,
-                             int64_t length, double depth_percent) {
-  check(depth_percent >= 0 && depth_percent <= 100, "depth must be in [0, 100], got ", depth_percent);
+NiahPrompt build_niah_prompt(const Tokenizer& tok, const std::vector<int32_t>& haystack,
+                             const Needle& n, int64_t length, double depth_percent) {
+  check(depth_percent >= 0 && depth_percent <= 100, "depth must be in [0, 100], got ",
+        depth_percent);
   const std::vector<int32_t> bos = tok.encode("", true);
   const std::vector<int32_t> needle = tok.encode("\n" + n.needle + "\n", false);
-  const std::vector<int32_t> question = tok.encode("\n\nQuestion: " + n.question + "\nAnswer:", false);
+  const std::vector<int32_t> question =
+      tok.encode("\n\nQuestion: " + n.question + "\nAnswer:", false);
   const int64_t fixed = static_cast<int64_t>(bos.size() + needle.size() + question.size());
   const int64_t hay = length - fixed;
-  check(hay >= 0, "length ", length, " is too short for the needle and question (", fixed, " tokens)");
-  check(static_cast<int64_t>(haystack.size()) >= hay, "haystack holds ", haystack.size(), " tokens, need ", hay);
-  const int64_t d = static_cast<int64_t>(std::llround(depth_percent / 100.0 * static_cast<double>(hay)));
+  check(hay >= 0, "length ", length, " is too short for the needle and question (", fixed,
+        " tokens)");
+  check(static_cast<int64_t>(haystack.size()) >= hay, "haystack holds ", haystack.size(),
+        " tokens, need ", hay);
+  const int64_t d =
+      static_cast<int64_t>(std::llround(depth_percent / 100.0 * static_cast<double>(hay)));
   NiahPrompt p;
   p.ids = bos;
   p.ids.insert(p.ids.end(), haystack.begin(), haystack.begin() + d);

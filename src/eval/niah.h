@@ -24,9 +24,11 @@ Needle classic_sentence_needle();
 // A numeric passkey needle; the number is drawn from `seed`.
 Needle passkey_needle(uint64_t seed);
 
-// Haystack token ids: the .txt files under `dir` (recursively, sorted by path) concatenated, or, when dir is
-// empty, the classic repeated filler ("The grass is green. ..."). Repeated until `min_tokens`.
-std::vector<int32_t> haystack_tokens(const Tokenizer& tok, const std::filesystem::path& dir, int64_t min_tokens);
+// Haystack token ids: the .txt files under `dir` (recursively, sorted by path) concatenated, or,
+// when dir is empty, the classic repeated filler ("The grass is green. ..."). Repeated until
+// `min_tokens`.
+std::vector<int32_t> haystack_tokens(const Tokenizer& tok, const std::filesystem::path& dir,
+                                     int64_t min_tokens);
 
 struct NiahPrompt {
   std::vector<int32_t> ids;
@@ -35,8 +37,8 @@ struct NiahPrompt {
 
 // A prompt of exactly `length` tokens with the needle at `depth_percent` (0..100) of the haystack.
 // Throws Error when length is too short to hold BOS, needle and question.
-NiahPrompt build_niah_prompt(const Tokenizer& tok, const std::vector<int32_t>& haystack, const Needle& n,
-                             int64_t length, double depth_percent);
+NiahPrompt build_niah_prompt(const Tokenizer& tok, const std::vector<int32_t>& haystack,
+                             const Needle& n, int64_t length, double depth_percent);
 
 struct NiahScore {
   bool exact = false;  // first generated line == answer (trimmed)

@@ -11,11 +11,16 @@ using nlohmann::json;
 
 const char* rope_type_name(RopeType t) {
   switch (t) {
-    case RopeType::kDefault: return "default";
-    case RopeType::kLinear: return "linear";
-    case RopeType::kDynamic: return "dynamic";
-    case RopeType::kLlama3: return "llama3";
-    case RopeType::kYarn: return "yarn";
+    case RopeType::kDefault:
+      return "default";
+    case RopeType::kLinear:
+      return "linear";
+    case RopeType::kDynamic:
+      return "dynamic";
+    case RopeType::kLlama3:
+      return "llama3";
+    case RopeType::kYarn:
+      return "yarn";
   }
   return "?";
 }
@@ -35,7 +40,8 @@ struct Reader {
 
   int64_t integer(const char* key) const {
     const json& v = get(key);
-    check(v.is_number_integer(), source, ": field '", key, "': expected an integer, got ", v.dump());
+    check(v.is_number_integer(), source, ": field '", key, "': expected an integer, got ",
+          v.dump());
     return v.get<int64_t>();
   }
   int64_t positive(const char* key) const {
@@ -89,8 +95,9 @@ RopeScaling parse_rope(const json& r, const std::string& where, int64_t max_pos)
   if (rs.type == RopeType::kDefault) return rs;
   rs.factor = rd.number("factor");
   check(rs.factor > 0, where, ": field 'factor': expected > 0, got ", rs.factor);
-  rs.original_max_position_embeddings =
-      rd.has("original_max_position_embeddings") ? rd.positive("original_max_position_embeddings") : 0;
+  rs.original_max_position_embeddings = rd.has("original_max_position_embeddings")
+                                            ? rd.positive("original_max_position_embeddings")
+                                            : 0;
   if (rs.type == RopeType::kLlama3) {
     rs.low_freq_factor = rd.number("low_freq_factor");
     rs.high_freq_factor = rd.number("high_freq_factor");
@@ -160,7 +167,8 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
     c.head_dim = rd.positive("head_dim");
   } else {
     check(c.hidden_size % c.num_heads == 0, source, ": hidden_size (", c.hidden_size,
-          ") is not divisible by num_attention_heads (", c.num_heads, ") and head_dim is not given");
+          ") is not divisible by num_attention_heads (", c.num_heads,
+          ") and head_dim is not given");
     c.head_dim = c.hidden_size / c.num_heads;
   }
   check(c.head_dim % 2 == 0, source, ": head_dim must be even for RoPE, got ", c.head_dim);
@@ -176,12 +184,14 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
     std::string where = source + ": rope_parameters";
     check(rp.is_object(), where, ": expected an object");
     Reader rr{rp, where};
-    c.rope_theta = rr.has("rope_theta") ? rr.number("rope_theta") : rd.number_or("rope_theta", 10000.0);
+    c.rope_theta =
+        rr.has("rope_theta") ? rr.number("rope_theta") : rd.number_or("rope_theta", 10000.0);
     c.rope = parse_rope(rp, where, c.max_position_embeddings);
   } else {
     c.rope_theta = rd.number_or("rope_theta", 10000.0);
     if (rd.has("rope_scaling")) {
-      c.rope = parse_rope(j.at("rope_scaling"), source + ": rope_scaling", c.max_position_embeddings);
+      c.rope =
+          parse_rope(j.at("rope_scaling"), source + ": rope_scaling", c.max_position_embeddings);
     }
   }
   check(c.rope_theta > 0, source, ": rope_theta must be > 0");

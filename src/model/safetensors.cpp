@@ -2,10 +2,9 @@
 
 #include <cstring>
 #include <limits>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
-
-#include <nlohmann/json.hpp>
 
 #include "core/error.h"
 
@@ -13,14 +12,19 @@ namespace duo {
 
 const char* weight_dtype_name(WeightDType t) {
   switch (t) {
-    case WeightDType::kF32: return "F32";
-    case WeightDType::kF16: return "F16";
-    case WeightDType::kBF16: return "BF16";
+    case WeightDType::kF32:
+      return "F32";
+    case WeightDType::kF16:
+      return "F16";
+    case WeightDType::kBF16:
+      return "BF16";
   }
   return "?";
 }
 
-int64_t weight_dtype_bytes(WeightDType t) { return t == WeightDType::kF32 ? 4 : 2; }
+int64_t weight_dtype_bytes(WeightDType t) {
+  return t == WeightDType::kF32 ? 4 : 2;
+}
 
 int64_t TensorView::numel() const {
   int64_t n = 1;
@@ -36,7 +40,9 @@ std::string shape_to_string(const std::vector<int64_t>& shape) {
   return os.str();
 }
 
-std::string TensorView::shape_string() const { return shape_to_string(shape); }
+std::string TensorView::shape_string() const {
+  return shape_to_string(shape);
+}
 
 float bf16_to_f32(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -83,7 +89,8 @@ uint16_t f32_to_bf16(float f) {
 SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : file_(path) {
   const std::string where = path.string();
   const size_t size = file_.size();
-  check(size >= 8, where, ": truncated safetensors file (", size, " bytes, expected an 8-byte header length)");
+  check(size >= 8, where, ": truncated safetensors file (", size,
+        " bytes, expected an 8-byte header length)");
   uint64_t header_len = 0;
   std::memcpy(&header_len, file_.data(), 8);  // little-endian on every target we build for
   check(header_len <= size - 8, where, ": corrupt safetensors header: header length ", header_len,
@@ -138,7 +145,8 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : file_(path
 WeightStore WeightStore::open(const std::filesystem::path& model_dir) {
   WeightStore ws;
   std::error_code ec;
-  check(std::filesystem::is_directory(model_dir, ec), model_dir.string(), ": model directory not found");
+  check(std::filesystem::is_directory(model_dir, ec), model_dir.string(),
+        ": model directory not found");
   const auto single = model_dir / "model.safetensors";
   const auto index = model_dir / "model.safetensors.index.json";
   std::vector<std::filesystem::path> shard_paths;
@@ -149,18 +157,21 @@ WeightStore WeightStore::open(const std::filesystem::path& model_dir) {
           index.string(), ": expected an object with a 'weight_map' object");
     std::set<std::string> files;
     for (auto it = j.at("weight_map").begin(); it != j.at("weight_map").end(); ++it) {
-      check(it.value().is_string(), index.string(), ": weight_map['", it.key(), "'] must be a file name");
+      check(it.value().is_string(), index.string(), ": weight_map['", it.key(),
+            "'] must be a file name");
       weight_map[it.key()] = it.value().get<std::string>();
       files.insert(it.value().get<std::string>());
     }
     for (const auto& f : files) {
-      check(f.find('/') == std::string::npos, index.string(), ": shard name '", f, "' must be a plain file name");
+      check(f.find('/') == std::string::npos, index.string(), ": shard name '", f,
+            "' must be a plain file name");
       shard_paths.push_back(model_dir / f);
     }
   } else if (std::filesystem::exists(single, ec)) {
     shard_paths.push_back(single);
   } else {
-    fail(model_dir.string(), ": no weights found (expected model.safetensors or model.safetensors.index.json)");
+    fail(model_dir.string(),
+         ": no weights found (expected model.safetensors or model.safetensors.index.json)");
   }
   for (const auto& p : shard_paths) {
     check(std::filesystem::exists(p, ec), p.string(), ": shard listed in the index is missing");
@@ -179,16 +190,18 @@ WeightStore WeightStore::open(const std::filesystem::path& model_dir) {
   return ws;
 }
 
-const TensorView& WeightStore::get(const std::string& name, const std::vector<int64_t>& shape) const {
+const TensorView& WeightStore::get(const std::string& name,
+                                   const std::vector<int64_t>& shape) const {
   auto it = index_.find(name);
   check(it != index_.end(), "weights: tensor '", name, "' not found in the checkpoint");
   const TensorView& t = *it->second.second;
-  check(t.shape == shape, it->second.first->path().string(), ": tensor '", name, "': expected shape ",
-        shape_to_string(shape), ", got ", t.shape_string());
+  check(t.shape == shape, it->second.first->path().string(), ": tensor '", name,
+        "': expected shape ", shape_to_string(shape), ", got ", t.shape_string());
   return t;
 }
 
-std::vector<float> WeightStore::load_f32(const std::string& name, const std::vector<int64_t>& shape) const {
+std::vector<float> WeightStore::load_f32(const std::string& name,
+                                         const std::vector<int64_t>& shape) const {
   const TensorView& t = get(name, shape);
   const int64_t n = t.numel();
   std::vector<float> out(static_cast<size_t>(n));
@@ -230,7 +243,8 @@ WeightDType WeightStore::main_dtype() const {
 
 int64_t WeightStore::total_bytes() const {
   int64_t b = 0;
-  for (const auto& [name, ft] : index_) b += ft.second->numel() * weight_dtype_bytes(ft.second->dtype);
+  for (const auto& [name, ft] : index_)
+    b += ft.second->numel() * weight_dtype_bytes(ft.second->dtype);
   return b;
 }
 

@@ -21,9 +21,10 @@
 
 namespace {
 
-// ---- Error bounds (bf16 inputs and outputs, fp32 accumulation) -----------------------------------
-// Output rounding to bf16 alone gives NMSE ~1e-6 and |err| up to half an ulp (0.016 for |x| in
-// [4, 8)); P is rounded to bf16 before P*V in the prefill kernel (another ~2^-9 relative per term).
+// ---- Error bounds (bf16 inputs and outputs, fp32 accumulation)
+// ----------------------------------- Output rounding to bf16 alone gives NMSE ~1e-6 and |err| up
+// to half an ulp (0.016 for |x| in [4, 8)); P is rounded to bf16 before P*V in the prefill kernel
+// (another ~2^-9 relative per term).
 constexpr double kMaxNmse = 2e-5;
 constexpr double kMaxAbs = 3e-2;
 constexpr size_t kGuardBytes = 4096;
@@ -40,10 +41,10 @@ bool have_gpu() {
 #define REQUIRE_GPU() \
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device"
 
-#define CK(call)                                                                        \
-  do {                                                                                  \
-    cudaError_t e_ = (call);                                                            \
-    ASSERT_EQ(e_, cudaSuccess) << #call << ": " << cudaGetErrorString(e_);              \
+#define CK(call)                                                           \
+  do {                                                                     \
+    cudaError_t e_ = (call);                                               \
+    ASSERT_EQ(e_, cudaSuccess) << #call << ": " << cudaGetErrorString(e_); \
   } while (0)
 
 uint16_t f2bf(float f) {
@@ -67,7 +68,8 @@ struct Guarded {
   size_t bytes = 0;
   void alloc(size_t b, uint16_t fill) {
     bytes = b;
-    if (cudaMalloc(&base, b + 2 * kGuardBytes) != cudaSuccess) throw std::runtime_error("cudaMalloc");
+    if (cudaMalloc(&base, b + 2 * kGuardBytes) != cudaSuccess)
+      throw std::runtime_error("cudaMalloc");
     std::vector<unsigned char> h(b + 2 * kGuardBytes, kCanary);
     for (size_t i = 0; i + 1 < b; i += 2) std::memcpy(&h[kGuardBytes + i], &fill, 2);
     cudaMemcpy(base, h.data(), h.size(), cudaMemcpyHostToDevice);
@@ -126,7 +128,8 @@ History make_history(const Shape& s, int64_t total, std::mt19937& rng) {
 
 bool ref_visible(const Shape& s, bool retrieval, int64_t t, int64_t j, int64_t p0) {
   if (retrieval) return j >= 0 && j <= t;
-  if (s.mode == duo::cuda::StreamingMode::kChunk) return duo::chunk_mode_visible(t, j, p0, s.S, s.R);
+  if (s.mode == duo::cuda::StreamingMode::kChunk)
+    return duo::chunk_mode_visible(t, j, p0, s.S, s.R);
   return duo::streaming_visible(t, j, s.S, s.R);
 }
 
@@ -279,16 +282,17 @@ struct Case {
 
 std::string describe(const Case& c) {
   char buf[256];
-  std::snprintf(buf, sizeof buf, "d=%d H=%d Hkv=%d nr=%d S=%lld R=%lld mode=%s p0=%lld n=%lld ws=%d",
-                c.s.d, c.s.heads, c.s.kv_heads, c.s.retrieval, static_cast<long long>(c.s.S),
+  std::snprintf(buf, sizeof buf,
+                "d=%d H=%d Hkv=%d nr=%d S=%lld R=%lld mode=%s p0=%lld n=%lld ws=%d", c.s.d,
+                c.s.heads, c.s.kv_heads, c.s.retrieval, static_cast<long long>(c.s.S),
                 static_cast<long long>(c.s.R),
                 c.s.mode == duo::cuda::StreamingMode::kChunk ? "chunk" : "exact",
                 static_cast<long long>(c.p0), static_cast<long long>(c.n), c.ws_mode);
   return buf;
 }
 
-Case mk(std::string name, int d, int H, int Hkv, int nr, int64_t S, int64_t R, int64_t p0, int64_t n,
-        int ws = 0, bool chunk = false, int64_t capacity = -1) {
+Case mk(std::string name, int d, int H, int Hkv, int nr, int64_t S, int64_t R, int64_t p0,
+        int64_t n, int ws = 0, bool chunk = false, int64_t capacity = -1) {
   Case c;
   c.name = std::move(name);
   c.s.d = d;
@@ -317,8 +321,10 @@ std::vector<Case> single_call_cases() {
   // Awkward n and p0.
   for (int64_t n : {3, 19, 199})
     for (int64_t p0 : {0, 13, 77}) {
-      v.push_back(mk("n" + std::to_string(n) + "_p" + std::to_string(p0), 128, 8, 2, 1, 4, 8, p0, n));
-      v.push_back(mk("d64_n" + std::to_string(n) + "_p" + std::to_string(p0), 64, 8, 2, 1, 4, 8, p0, n));
+      v.push_back(
+          mk("n" + std::to_string(n) + "_p" + std::to_string(p0), 128, 8, 2, 1, 4, 8, p0, n));
+      v.push_back(
+          mk("d64_n" + std::to_string(n) + "_p" + std::to_string(p0), 64, 8, 2, 1, 4, 8, p0, n));
     }
   // Around S + R (S=16, R=32: t = 47, 48, 49).
   for (int64_t p0 : {46, 47, 48, 49}) {
@@ -445,7 +451,8 @@ void run_sequence(const SeqCase& c) {
   dk.alloc(static_cast<size_t>(max_n * sh.kv_heads * sh.d * 2), 0);
   dv.alloc(static_cast<size_t>(max_n * sh.kv_heads * sh.d * 2), 0);
   dout.alloc(static_cast<size_t>(max_n * sh.heads * sh.d * 2), kNaNbf);
-  const int64_t wsb = duo::cuda::attention_workspace_bytes(1, sh.heads, sh.d, sh.capacity, num_sms());
+  const int64_t wsb =
+      duo::cuda::attention_workspace_bytes(1, sh.heads, sh.d, sh.capacity, num_sms());
   ws.alloc(static_cast<size_t>(wsb), 0);
   dp0.alloc(8, 0);
   cudaStream_t stream;

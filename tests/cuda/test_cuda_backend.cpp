@@ -8,21 +8,26 @@
 // Op inputs are rounded to bf16 once and fed to both backends, so op errors are the CUDA side's
 // fp32-accumulation order plus one bf16 rounding of the output (2^-9 relative).
 //
-//   check                                        bound                      measured (H200, naive attn)
-//   embed                                        exact                      exact
+//   check                                        bound                      measured (H200, naive
+//   attn) embed                                        exact                      exact
 //   random_normal / constant                     |bf16(cpu) - cuda| == 0    0 mismatches
-//   rmsnorm, rope, swiglu, add                   NMSE <= 2e-5, rel <= 8e-3  NMSE <= 7.5e-6, rel <= 3.4e-3
-//   linear (+bias), k in {5,64,130,4096}         NMSE <= 2e-5, rel <= 8e-3  NMSE <= 4.7e-6, rel <= 4.3e-3
-//   attention (naive and contract), per call     NMSE <= 2e-5, rel <= 8e-3  within bounds (7 cases)
-//   attention chunked vs one call (CUDA only)    naive: bitwise equal       bitwise equal
+//   rmsnorm, rope, swiglu, add                   NMSE <= 2e-5, rel <= 8e-3  NMSE <= 7.5e-6, rel
+//   <= 3.4e-3 linear (+bias), k in {5,64,130,4096}         NMSE <= 2e-5, rel <= 8e-3  NMSE
+//   <= 4.7e-6, rel <= 4.3e-3 attention (naive and contract), per call     NMSE <= 2e-5, rel <= 8e-3
+//   within bounds (7 cases) attention chunked vs one call (CUDA only)    naive: bitwise equal
+//   bitwise equal
 //                                                contract: as attention
-//   fixture logits vs transformers fp32 golden   NMSE <= 2e-3, max <= 0.5   NMSE <= 5.6e-4, max 0.24
+//   fixture logits vs transformers fp32 golden   NMSE <= 2e-3, max <= 0.5   NMSE <= 5.6e-4, max
+//   0.24
 //     top-1 agreement                            100% of rows with golden   266/270 rows overall
 //                                                margin >= 0.3; >= 85% all
-//   duo-CUDA vs duo-CPU, 0 / 1 / mixed / all     NMSE <= 2e-3, max <= 0.5,  NMSE <= 4.0e-4, max 0.28;
-//     retrieval, exact and chunk mode            and NMSE vs full attention  vs full attention >= 0.44
+//   duo-CUDA vs duo-CPU, 0 / 1 / mixed / all     NMSE <= 2e-3, max <= 0.5,  NMSE <= 4.0e-4, max
+//   0.28;
+//     retrieval, exact and chunk mode            and NMSE vs full attention  vs full attention >=
+//     0.44
 //                                                >= 10x the error
-//   chunk-size independence on CUDA (1,7,64)     NMSE <= 1e-4 vs one chunk; NMSE 0 (bitwise), 0 rows
+//   chunk-size independence on CUDA (1,7,64)     NMSE <= 1e-4 vs one chunk; NMSE 0 (bitwise), 0
+//   rows
 //                                                greedy tokens equal
 //   random-weight model CUDA vs CPU (same seed)  NMSE <= 2e-3               NMSE 3.2e-5
 #include <gtest/gtest.h>
@@ -99,13 +104,13 @@ Err compare(const std::vector<float>& got, const std::vector<float>& want) {
   return {den > 0 ? num / den : num, mref > 0 ? mx / mref : mx, mx};
 }
 
-#define EXPECT_OP_CLOSE(got, want, what)                                              \
-  do {                                                                                \
-    const Err e_ = compare(got, want);                                                \
-    EXPECT_LE(e_.nmse, kOpNmse) << what;                                              \
-    EXPECT_LE(e_.rel, kOpRel) << what;                                                \
+#define EXPECT_OP_CLOSE(got, want, what)                                                   \
+  do {                                                                                     \
+    const Err e_ = compare(got, want);                                                     \
+    EXPECT_LE(e_.nmse, kOpNmse) << what;                                                   \
+    EXPECT_LE(e_.rel, kOpRel) << what;                                                     \
     std::printf("  [measured] %-40s NMSE %.3e  max rel %.3e\n", std::string(what).c_str(), \
-                e_.nmse, e_.rel);                                                     \
+                e_.nmse, e_.rel);                                                          \
   } while (0)
 
 constexpr float kGuard = 12352.0f;  // representable in bf16
@@ -128,7 +133,8 @@ void expect_guards_intact(Backend& b, const Guarded& g, const std::string& what)
   auto all = b.download(g.all, 0, g.rows + 2);
   for (int64_t c = 0; c < g.cols; ++c) {
     EXPECT_EQ(all[c], kGuard) << what << ": guard row before the output was written";
-    EXPECT_EQ(all[(g.rows + 1) * g.cols + c], kGuard) << what << ": guard row after the output was written";
+    EXPECT_EQ(all[(g.rows + 1) * g.cols + c], kGuard)
+        << what << ": guard row after the output was written";
   }
 }
 
@@ -206,7 +212,8 @@ TEST_F(CudaOps, RmsNorm) {
 
 TEST_F(CudaOps, LinearWithAndWithoutBias) {
   for (int64_t n : kRows)
-    for (auto [m, k] : {std::pair<int64_t, int64_t>{7, 5}, {64, 64}, {160, 64}, {33, 130}, {256, 4096}}) {
+    for (auto [m, k] :
+         {std::pair<int64_t, int64_t>{7, 5}, {64, 64}, {160, 64}, {33, 130}, {256, 4096}}) {
       auto x = random_vec(n * k, 10 + static_cast<uint32_t>(n + k));
       auto w = random_vec(m * k, 11 + static_cast<uint32_t>(m), 0.05f);
       auto bias = random_vec(m, 12);
@@ -262,8 +269,9 @@ TEST_F(CudaOps, Rope) {
       Tensor xc = cpu->upload(x.data(), n, cols);
       gpu->rope(g.out, heads, d, pos, f);
       cpu->rope(xc, heads, d, pos, f);
-      EXPECT_OP_CLOSE(gpu->download(g.out, 0, n), cpu->download(xc, 0, n),
-                      "rope " + std::to_string(n) + "x" + std::to_string(heads) + "x" + std::to_string(d));
+      EXPECT_OP_CLOSE(
+          gpu->download(g.out, 0, n), cpu->download(xc, 0, n),
+          "rope " + std::to_string(n) + "x" + std::to_string(heads) + "x" + std::to_string(d));
       expect_guards_intact(*gpu, g, "rope");
     }
 }
@@ -316,9 +324,11 @@ void run_attention_case(Backend& gpu, Backend& cpu, const AttnCase& c, const std
       auto q = random_vec(n * c.heads * c.d, seed++, 1.5f);
       auto k = random_vec(n * c.kv_heads * c.d, seed++, 1.5f);
       auto v = random_vec(n * c.kv_heads * c.d, seed++);
-      Tensor qg = gpu.upload(q.data(), n, c.heads * c.d), kg = gpu.upload(k.data(), n, c.kv_heads * c.d),
+      Tensor qg = gpu.upload(q.data(), n, c.heads * c.d),
+             kg = gpu.upload(k.data(), n, c.kv_heads * c.d),
              vg = gpu.upload(v.data(), n, c.kv_heads * c.d);
-      Tensor qc = cpu.upload(q.data(), n, c.heads * c.d), kc = cpu.upload(k.data(), n, c.kv_heads * c.d),
+      Tensor qc = cpu.upload(q.data(), n, c.heads * c.d),
+             kc = cpu.upload(k.data(), n, c.kv_heads * c.d),
              vc = cpu.upload(v.data(), n, c.kv_heads * c.d);
       Guarded og = guarded(gpu, n, c.heads * c.d);
       Tensor oc = cpu.alloc(n, c.heads * c.d);
@@ -342,8 +352,8 @@ std::vector<AttnCase> attention_cases() {
       {8, 2, 16, 200, 3, 10, {0, 2}, SP::kExact, {19, 1, 1, 64, 3, 1}},
       {8, 4, 128, 300, 4, 32, {1, 3}, SP::kExact, {1, 3, 199, 1, 1, 1}},
       {4, 4, 64, 120, 2, 6, {2, 4}, SP::kChunk, {16, 16, 13, 1, 1}},
-      {4, 2, 64, 100, 0, 8, {1, 0}, SP::kExact, {37, 1, 1}},   // no sinks
-      {4, 2, 64, 100, 5, 0, {1, 0}, SP::kExact, {20, 1, 1}},   // no ring: sinks only
+      {4, 2, 64, 100, 0, 8, {1, 0}, SP::kExact, {37, 1, 1}},    // no sinks
+      {4, 2, 64, 100, 5, 0, {1, 0}, SP::kExact, {20, 1, 1}},    // no ring: sinks only
       {4, 2, 16, 10, 4, 16, {0, 1}, SP::kExact, {7, 1, 1, 1}},  // capacity < S + R
       {6, 3, 32, 80, 2, 5, {3, 0}, SP::kChunk, {1, 9, 30, 1}},
   };
@@ -351,7 +361,8 @@ std::vector<AttnCase> attention_cases() {
 
 TEST_F(CudaOps, AttentionContractMatchesCpu) {
   const auto cases = attention_cases();
-  for (size_t i = 0; i < cases.size(); ++i) run_attention_case(*gpu, *cpu, cases[i], "case " + std::to_string(i));
+  for (size_t i = 0; i < cases.size(); ++i)
+    run_attention_case(*gpu, *cpu, cases[i], "case " + std::to_string(i));
 }
 
 TEST_F(CudaOps, AttentionNaiveMatchesCpu) {
@@ -364,7 +375,8 @@ TEST_F(CudaOps, AttentionNaiveMatchesCpu) {
 }
 
 TEST_F(CudaOps, AttentionChunkingIsBitwiseInvariantInExactMode) {
-  // Same q/k/v for positions 0..N-1 fed as one call or in chunks; the outputs row by row must match.
+  // Same q/k/v for positions 0..N-1 fed as one call or in chunks; the outputs row by row must
+  // match.
   const int64_t N = 90, H = 8, G = 2, d = 64;
   CacheSpec s;
   s.num_layers = 1;
@@ -380,7 +392,8 @@ TEST_F(CudaOps, AttentionChunkingIsBitwiseInvariantInExactMode) {
     std::vector<float> out;
     int64_t p = 0;
     for (int64_t n : calls) {
-      Tensor qg = gpu->upload(q.data() + p * H * d, n, H * d), kg = gpu->upload(k.data() + p * G * d, n, G * d),
+      Tensor qg = gpu->upload(q.data() + p * H * d, n, H * d),
+             kg = gpu->upload(k.data() + p * G * d, n, G * d),
              vg = gpu->upload(v.data() + p * G * d, n, G * d);
       Tensor o = gpu->alloc(n, H * d);
       gpu->attention(*cache, 0, qg, kg, vg, H, o);
@@ -445,7 +458,9 @@ std::vector<float> as_floats(const TensorView& t) {
   return v;
 }
 
-int32_t argmax(const float* x, int64_t n) { return static_cast<int32_t>(std::max_element(x, x + n) - x); }
+int32_t argmax(const float* x, int64_t n) {
+  return static_cast<int32_t>(std::max_element(x, x + n) - x);
+}
 
 class CudaFixture : public ::testing::TestWithParam<std::string> {};
 
@@ -464,7 +479,8 @@ TEST_P(CudaFixture, LogitsCloseToTransformers) {
     std::vector<int32_t> prompt = entry["prompt"].get<std::vector<int32_t>>();
     const int64_t rows = static_cast<int64_t>(prompt.size()) - entry["first_row"].get<int64_t>();
     std::vector<float> want = as_floats(golden.tensors().at("logits_" + len));
-    auto cache = model.make_cache(static_cast<int64_t>(prompt.size()), 0, 0, StreamingPrefill::kExact);
+    auto cache =
+        model.make_cache(static_cast<int64_t>(prompt.size()), 0, 0, StreamingPrefill::kExact);
     std::vector<float> got = model.forward(prompt, *cache, rows);
     const Err e = compare(got, want);
     EXPECT_LE(e.nmse, kModelNmse) << name << " len " << len;
@@ -477,12 +493,14 @@ TEST_P(CudaFixture, LogitsCloseToTransformers) {
       const bool same = argmax(&got[r * V], V) == argmax(w, V);
       agree += same;
       if (sorted[0] - sorted[1] >= kMarginForTop1)
-        EXPECT_TRUE(same) << name << " len " << len << " row " << r << " margin " << sorted[0] - sorted[1];
+        EXPECT_TRUE(same) << name << " len " << len << " row " << r << " margin "
+                          << sorted[0] - sorted[1];
     }
     rows_all += rows;
     agree_all += agree;
-    std::printf("  [measured] %-16s len %-4s NMSE %.3e  max abs %.4f  top-1 %lld/%lld\n", name.c_str(),
-                len.c_str(), e.nmse, e.max_abs, static_cast<long long>(agree), static_cast<long long>(rows));
+    std::printf("  [measured] %-16s len %-4s NMSE %.3e  max abs %.4f  top-1 %lld/%lld\n",
+                name.c_str(), len.c_str(), e.nmse, e.max_abs, static_cast<long long>(agree),
+                static_cast<long long>(rows));
   }
   EXPECT_GE(static_cast<double>(agree_all), kTop1All * static_cast<double>(rows_all)) << name;
 }
@@ -500,13 +518,14 @@ std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint32_t seed) {
 }
 
 // Logits of every position, prefilled in chunks.
-std::vector<float> engine_logits(Model& m, const std::vector<int32_t>& tokens, int64_t chunk, int64_t S,
-                                 int64_t R, StreamingPrefill mode) {
+std::vector<float> engine_logits(Model& m, const std::vector<int32_t>& tokens, int64_t chunk,
+                                 int64_t S, int64_t R, StreamingPrefill mode) {
   auto cache = m.make_cache(static_cast<int64_t>(tokens.size()), S, R, mode);
   std::vector<float> all;
   for (size_t p = 0; p < tokens.size(); p += static_cast<size_t>(chunk)) {
     const size_t len = std::min(static_cast<size_t>(chunk), tokens.size() - p);
-    auto part = m.forward(std::span<const int32_t>(tokens.data() + p, len), *cache, static_cast<int64_t>(len));
+    auto part = m.forward(std::span<const int32_t>(tokens.data() + p, len), *cache,
+                          static_cast<int64_t>(len));
     all.insert(all.end(), part.begin(), part.end());
   }
   return all;
@@ -536,13 +555,16 @@ TEST(CudaDuo, PatternsMatchCpuReference) {
       int64_t chunk;
     };
     HeadPartition one = all_streaming(c.num_layers, c.num_kv_heads);
-    for (int64_t l = 0; l < c.num_layers; ++l) one.retrieval[static_cast<size_t>(l * c.num_kv_heads)] = 1;
+    for (int64_t l = 0; l < c.num_layers; ++l)
+      one.retrieval[static_cast<size_t>(l * c.num_kv_heads)] = 1;
     const std::vector<P> parts = {
-        {"all streaming (0 retrieval per layer)", all_streaming(c.num_layers, c.num_kv_heads), StreamingPrefill::kExact, 33},
+        {"all streaming (0 retrieval per layer)", all_streaming(c.num_layers, c.num_kv_heads),
+         StreamingPrefill::kExact, 33},
         {"1 retrieval head per layer", one, StreamingPrefill::kExact, 33},
         {"mixed 0/1/half per layer", mixed_partition(c), StreamingPrefill::kExact, 33},
         {"mixed, chunk mode, chunk 16", mixed_partition(c), StreamingPrefill::kChunk, 16},
-        {"all retrieval", all_retrieval(c.num_layers, c.num_kv_heads), StreamingPrefill::kExact, 33},
+        {"all retrieval", all_retrieval(c.num_layers, c.num_kv_heads), StreamingPrefill::kExact,
+         33},
     };
     auto cpu = make_cpu_backend(CpuMode::kReference);
     Model full_cpu(dir, *cpu, HeadLayout::all_retrieval(c));
@@ -560,10 +582,11 @@ TEST(CudaDuo, PatternsMatchCpuReference) {
       double sep = 0;
       if (p.p.total_retrieval() < c.num_layers * c.num_kv_heads) {
         sep = compare(got, full).nmse;
-        EXPECT_GE(sep, 10 * e.nmse) << name << ": " << p.what << " is not distinguishable from full attention";
+        EXPECT_GE(sep, 10 * e.nmse)
+            << name << ": " << p.what << " is not distinguishable from full attention";
       }
-      std::printf("  [measured] %-16s %-38s NMSE %.3e max abs %.4f (vs full attention NMSE %.3e)\n", name, p.what,
-                  e.nmse, e.max_abs, sep);
+      std::printf("  [measured] %-16s %-38s NMSE %.3e max abs %.4f (vs full attention NMSE %.3e)\n",
+                  name, p.what, e.nmse, e.max_abs, sep);
     }
   }
 }
@@ -585,8 +608,9 @@ TEST(CudaDuo, TokenExactIsChunkSizeIndependent) {
     int64_t differ = 0;
     for (int64_t r = 0; r < 150; ++r) differ += argmax(&got[r * V], V) != argmax(&whole[r * V], V);
     EXPECT_EQ(differ, 0) << "chunk " << chunk << ": greedy token differs on " << differ << " rows";
-    std::printf("  [measured] chunk %-3lld vs 150: NMSE %.3e max abs %.4f, greedy rows differing %lld\n",
-                static_cast<long long>(chunk), e.nmse, e.max_abs, static_cast<long long>(differ));
+    std::printf(
+        "  [measured] chunk %-3lld vs 150: NMSE %.3e max abs %.4f, greedy rows differing %lld\n",
+        static_cast<long long>(chunk), e.nmse, e.max_abs, static_cast<long long>(differ));
   }
 }
 
@@ -603,7 +627,8 @@ TEST(CudaDuo, RandomWeightsModelRunsAndMatchesCpuOnTheSameWeights) {
   const Err e = compare(engine_logits(mg, tokens, 40, 0, 0, StreamingPrefill::kExact),
                         engine_logits(mc, tokens, 40, 0, 0, StreamingPrefill::kExact));
   EXPECT_LE(e.nmse, kModelNmse);
-  std::printf("  [measured] random-weight model CUDA vs CPU: NMSE %.3e max abs %.4f\n", e.nmse, e.max_abs);
+  std::printf("  [measured] random-weight model CUDA vs CPU: NMSE %.3e max abs %.4f\n", e.nmse,
+              e.max_abs);
   EXPECT_GT(gpu->device_memory_peak(), 0);
 }
 
