@@ -8,7 +8,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 G=.devrun/gpu
-if [[ "${1:-}" == "stage" ]]; then
+if [[ "${1:-}" == "stage" ]]; then  # run: everything; tests-niah: CUDA tests + NIAH on both demo models
   rm -rf "$G" && mkdir -p "$G/libs" "$G/patterns"
   cp build/duo build/duo_cuda_tests "$G/"
   cp -r tests/fixtures "$G/fixtures"
@@ -50,6 +50,7 @@ for r in j["results"]:
         r["peak_device_bytes"] / 1e9, r["kv_bytes_total"] / 1e9))
 PY
 }
+if [[ "${1:-}" != "tests-niah" ]]; then
 step "duo bench: Llama-2-7B-32K config, full vs published pattern at sparsity 0.75 (S=128, R=256)"
 L2="--random-weights --config $G/configs/llama-2-7b-32k.json --contexts ${L2_CTX:-120000} --chunk 32768 --decode-steps 50"
 bench llama2_full 90 $L2
@@ -62,7 +63,9 @@ step "transformers baseline (sdpa, bf16), Llama-3-8B config at 32K"
 PYTHONUNBUFFERED=1 timeout 70 python3 "$G/baseline_transformers.py" --config "$G/configs/llama-3-8b-1048k.json" \
   --contexts 32000 --decode-steps 50 > "$R/hf_llama3_32k.json" 2> "$R/hf_llama3_32k.err"; echo "hf rc=$?"
 tail -c 600 "$R/hf_llama3_32k.json"; echo
+fi
 
+if [[ "${1:-}" != "tests-niah" ]]; then
 step "needle in a haystack on models/duo-demo-mha (CUDA backend)"
 python3 - <<'PY'
 import os, random
@@ -79,4 +82,14 @@ for task in passkey sentence; do
   timeout 40 "$DUO" niah $N --task $task --pattern models/duo-demo-mha/pattern-heuristic --sparsity 0.75 --sink 64 --recent 256 --json "$R/niah_${task}_heuristic75.json" | tail -1
   timeout 40 "$DUO" niah $N --task $task --pattern .devrun/gpu/pattern-random --sparsity 0.75 --json "$R/niah_${task}_random75.json" | tail -1
 done
+else
+step "needle in a haystack, both demo models, passkey (CUDA backend)"
+for m in mha gqa; do
+  N="-m models/duo-demo-$m --haystack data/haystack --task passkey --lengths 1000,2000,4000,8000,16000 --backend cuda --sink 64 --recent 256"
+  P="--pattern models/duo-demo-$m/pattern-heuristic"
+  timeout 40 "$DUO" niah $N --json "$R/niah_${m}_full.json" | tail -1
+  timeout 40 "$DUO" niah $N --streaming-only --json "$R/niah_${m}_streaming.json" | tail -1
+  for sp in 0.5 0.75 0.875; do timeout 40 "$DUO" niah $N $P --sparsity $sp --json "$R/niah_${m}_heuristic${sp#0.}.json" | tail -1; done
+done
+fi
 echo "== done ($(date +%T)); pack with: tar -C \$OUT -cf \$OUT/results.tar results"
