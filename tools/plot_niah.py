@@ -24,7 +24,7 @@ def title(res):
     mode = res["attention"]
     if mode == "DuoAttention":
         name = os.path.basename(os.path.dirname(res["pattern"])) or res["pattern"]
-        mode += f"\n{name}, {res['rule']}, {res['retrieval_kv_heads']} retrieval KV heads"
+        mode += f" ({name})\n{res['rule']}: {res['retrieval_kv_heads']} retrieval KV heads"
     elif mode == "streaming only":
         mode += f" (S={res['sink']}, R={res['recent']})"
     return f"{mode}\nmean score {res['mean_score']:.3f}"
