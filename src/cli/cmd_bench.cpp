@@ -17,6 +17,7 @@
 #include "cli/backend_choice.h"
 #include "cli/cli_util.h"
 #include "cli/commands.h"
+#include "cli/duo_options.h"
 #include "core/error.h"
 #include "core/file_util.h"
 #include "duo/head_pattern.h"
@@ -31,12 +32,7 @@ struct BenchArgs {
   std::string model_dir;
   bool random_weights = false;
   std::string config_file;
-  std::string pattern;
-  double sparsity = 0.5;
-  double threshold = 0.5;
-  bool streaming_only = false;
-  int64_t sink = 128;
-  int64_t recent = 256;
+  DuoOptions duo;
   std::string contexts = "20000";
   int64_t chunk = 32768;
   int64_t decode_steps = 100;
@@ -44,10 +40,6 @@ struct BenchArgs {
   std::string backend = "auto";
   uint64_t seed = 0;
   bool json = false;
-  CLI::Option* sparsity_opt = nullptr;
-  CLI::Option* threshold_opt = nullptr;
-  CLI::Option* sink_opt = nullptr;
-  CLI::Option* recent_opt = nullptr;
 };
 
 std::vector<int64_t> parse_contexts(const std::string& s) {
@@ -94,37 +86,16 @@ void run_bench(const BenchArgs& a) {
   check(a.chunk > 0, "--chunk must be positive, got ", a.chunk);
   check(a.decode_steps >= 1, "--decode-steps must be >= 1, got ", a.decode_steps);
   check(a.warmup_steps >= 0, "--warmup-steps must be >= 0");
-  check(a.sink >= 0 && a.recent >= 0, "--sink and --recent must be >= 0");
   const std::vector<int64_t> contexts = parse_contexts(a.contexts);
 
   const ModelConfig cfg = a.random_weights
                               ? ModelConfig::from_json(read_json_file(a.config_file), a.config_file)
                               : ModelConfig::load(a.model_dir);
 
-  // Head partition.
-  HeadPartition part = all_retrieval(cfg.num_layers, cfg.num_kv_heads);
-  std::string pattern_desc = "full attention (all retrieval)";
-  int64_t sink = a.sink, recent = a.recent;
-  check(!(a.streaming_only && !a.pattern.empty()),
-        "--streaming-only and --pattern exclude each other");
-  if (!a.pattern.empty()) {
-    const HeadPattern pat = load_head_pattern(a.pattern);
-    validate_against(pat, cfg, a.random_weights ? a.config_file : a.model_dir);
-    check(!(a.sparsity_opt->count() && a.threshold_opt->count()),
-          "give --sparsity or --threshold, not both");
-    if (a.threshold_opt->count()) {
-      part = binarize_by_threshold(pat, a.threshold);
-      pattern_desc = a.pattern + " (threshold " + std::to_string(a.threshold) + ")";
-    } else {
-      part = binarize_by_sparsity(pat, a.sparsity);
-      pattern_desc = a.pattern + " (sparsity " + std::to_string(a.sparsity) + ")";
-    }
-    if (!a.sink_opt->count() && pat.sink_size) sink = *pat.sink_size;
-    if (!a.recent_opt->count() && pat.recent_size) recent = *pat.recent_size;
-  } else if (a.streaming_only) {
-    part = all_streaming(cfg.num_layers, cfg.num_kv_heads);
-    pattern_desc = "all streaming (StreamingLLM)";
-  }
+  const ResolvedDuo duo = resolve(a.duo, cfg, a.random_weights ? a.config_file : a.model_dir);
+  const HeadPartition& part = duo.partition;
+  const std::string pattern_desc = duo.describe();
+  const int64_t sink = duo.sink, recent = duo.recent;
   const HeadLayout layout = HeadLayout::from_partition(cfg, part);
 
   const std::string resolved = resolve_backend(a.backend);
@@ -149,7 +120,7 @@ void run_bench(const BenchArgs& a) {
   // Warm-up (not timed): library handles, GEMM plans, module loading.
   {
     const int64_t n = std::min<int64_t>(512, contexts.front());
-    auto cache = model->make_cache(n + 2, sink, recent, StreamingPrefill::kExact);
+    auto cache = model->make_cache(n + 2, sink, recent, duo.prefill);
     std::vector<int32_t> t(static_cast<size_t>(n));
     for (auto& x : t) x = tok(rng);
     auto logits = model->forward(t, *cache, 1);
@@ -166,7 +137,7 @@ void run_bench(const BenchArgs& a) {
     try {
       backend->reset_memory_peak();
       const int64_t capacity = N + a.warmup_steps + a.decode_steps;
-      auto cache = model->make_cache(capacity, sink, recent, StreamingPrefill::kExact);
+      auto cache = model->make_cache(capacity, sink, recent, duo.prefill);
       const CacheBytes kv = cache->allocated_bytes();
       std::vector<int32_t> prompt(static_cast<size_t>(N));
       for (auto& x : prompt) x = tok(rng);
@@ -266,16 +237,8 @@ void add_bench_command(CLI::App& app) {
   sub->add_flag("--random-weights", a->random_weights,
                 "Random weights (N(0, 0.02)) from --config alone");
   sub->add_option("--config", a->config_file, "config.json for --random-weights");
-  sub->add_option("--pattern", a->pattern, "DuoAttention pattern directory or .tsv");
-  a->sparsity_opt = sub->add_option("--sparsity", a->sparsity,
-                                    "Fraction of KV heads made streaming (default 0.5)");
-  a->threshold_opt =
-      sub->add_option("--threshold", a->threshold, "Retrieval iff gate >= threshold");
-  sub->add_flag("--streaming-only", a->streaming_only, "Every head streaming (StreamingLLM)");
-  a->sink_opt =
-      sub->add_option("--sink", a->sink, "Sink tokens S (default: the pattern's, else 128)");
-  a->recent_opt =
-      sub->add_option("--recent", a->recent, "Recent window R (default: the pattern's, else 256)");
+  a->duo.default_sink = 128;  // the efficiency runs' window (the published patterns' config.json)
+  a->duo.add_to(sub);
   sub->add_option("--contexts", a->contexts, "Comma-separated context lengths, e.g. 20000,60000");
   sub->add_option("--chunk", a->chunk, "Prefill chunk size (default 32768)");
   sub->add_option("--decode-steps", a->decode_steps, "Timed decode steps (default 100)");

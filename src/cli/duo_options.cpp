@@ -41,13 +41,13 @@ ResolvedDuo resolve(const DuoOptions& o, const ModelConfig& c, const std::string
   if (o.sink) check(*o.sink >= 0, "--sink must be >= 0, got ", *o.sink);
   if (o.recent) check(*o.recent >= 0, "--recent must be >= 0, got ", *o.recent);
   r.prefill = o.streaming_prefill == "chunk" ? StreamingPrefill::kChunk : StreamingPrefill::kExact;
-  r.sink = o.sink.value_or(kDefaultSink);
-  r.recent = o.recent.value_or(kDefaultRecent);
+  r.sink = o.sink.value_or(o.default_sink);
+  r.recent = o.recent.value_or(o.default_recent);
   if (!o.pattern.empty()) {
     HeadPattern p = load_head_pattern(o.pattern);
     validate_against(p, c, model_dir);
-    r.sink = o.sink.value_or(p.sink_size.value_or(kDefaultSink));
-    r.recent = o.recent.value_or(p.recent_size.value_or(kDefaultRecent));
+    r.sink = o.sink.value_or(p.sink_size.value_or(o.default_sink));
+    r.recent = o.recent.value_or(p.recent_size.value_or(o.default_recent));
     std::ostringstream rule;
     if (o.threshold) {
       r.partition = binarize_by_threshold(p, *o.threshold);
@@ -71,6 +71,11 @@ ResolvedDuo resolve(const DuoOptions& o, const ModelConfig& c, const std::string
     check(r.sink + r.recent > 0, "streaming heads need --sink + --recent >= 1");
   }
   return r;
+}
+
+std::string ResolvedDuo::describe() const {
+  if (mode == "DuoAttention") return mode + ", " + pattern_path + " (" + rule + ")";
+  return mode;
 }
 
 }  // namespace duo::cli

@@ -20,6 +20,9 @@ struct DuoOptions {
   std::optional<int64_t> recent;
   std::string streaming_prefill = "exact";
   bool streaming_only = false;
+  // Window used when neither the flags nor the pattern's config.json give one.
+  int64_t default_sink = 64;
+  int64_t default_recent = 256;
 
   void add_to(CLI::App* cmd);
 };
@@ -31,11 +34,10 @@ struct ResolvedDuo {
   StreamingPrefill prefill = StreamingPrefill::kExact;
   std::string mode;  // "full attention", "DuoAttention", "streaming only"
   std::string pattern_path;
-  std::string rule;  // e.g. "sparsity 0.5"
+  std::string rule;              // e.g. "sparsity 0.5"
+  std::string describe() const;  // "DuoAttention, <pattern> (sparsity 0.5)" etc.
 };
 
-constexpr int64_t kDefaultSink = 64;
-constexpr int64_t kDefaultRecent = 256;
 constexpr double kDefaultSparsity = 0.5;
 
 // Validates the flags (ranges, exclusive choices) and the pattern against the model.
