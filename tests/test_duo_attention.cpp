@@ -90,6 +90,8 @@ std::vector<double> naive_logits(const std::filesystem::path& dir,
       rotate(q[i], nq, i);
       rotate(k[i], nkv, i);
     }
+    const std::vector<double> bo =
+        c.o_bias ? W(p + "self_attn.o_proj.bias", {H}) : std::vector<double>();
     auto wg = W(p + "mlp.gate_proj.weight", {I, H}), wu = W(p + "mlp.up_proj.weight", {I, H});
     auto wd = W(p + "mlp.down_proj.weight", {H, I});
     for (int64_t t = 0; t < n; ++t) {
@@ -113,7 +115,7 @@ std::vector<double> naive_logits(const std::filesystem::path& dir,
           for (int64_t f = 0; f < d; ++f) attn[h * d + f] += s[e] / sum * v[keys[e]][g * d + f];
       }
       auto o = matvec(wo, attn, H, nq * d);
-      for (int64_t i = 0; i < H; ++i) x[t][i] += o[i];
+      for (int64_t i = 0; i < H; ++i) x[t][i] += o[i] + (c.o_bias ? bo[i] : 0.0);
     }
     for (int64_t t = 0; t < n; ++t) {
       auto xn = rms(x[t], ln2);
@@ -180,7 +182,8 @@ MaskFn duo_mask(const HeadPartition& p, int64_t S, int64_t R) {
   };
 }
 
-const char* kModels[] = {"llama_mha_linear", "llama3_gqa", "mistral_gqa", "qwen2_bias_tied"};
+const char* kModels[] = {"llama_mha_linear", "llama3_gqa", "mistral_gqa", "qwen2_bias_tied",
+                         "llama_attn_bias"};
 
 TEST(DuoAttention, AllRetrievalPatternEqualsFullAttentionBitwise) {
   const auto dir = fixture("models/llama3_gqa");

@@ -37,7 +37,7 @@ nlohmann::json base_config() {
 
 TEST(Config, ParsesAllFixtures) {
   for (const char* name : {"llama_mha_linear", "llama3_gqa", "mistral_gqa", "qwen2_bias_tied",
-                           "llama_dynamic", "llama_yarn"}) {
+                           "llama_attn_bias", "llama_dynamic", "llama_yarn"}) {
     const auto dir = fixture(std::string("models/") + name);
     ModelConfig c = ModelConfig::load(dir);
     auto golden = read_json_file(dir / "golden.json");

@@ -92,7 +92,8 @@ std::string param_name(const ::testing::TestParamInfo<std::tuple<std::string, Cp
 INSTANTIATE_TEST_SUITE_P(Fixtures, ModelParity,
                          ::testing::Combine(::testing::Values("llama_mha_linear", "llama3_gqa",
                                                               "mistral_gqa", "qwen2_bias_tied",
-                                                              "llama_dynamic", "llama_yarn"),
+                                                              "llama_attn_bias", "llama_dynamic",
+                                                              "llama_yarn"),
                                             ::testing::Values(CpuMode::kReference, CpuMode::kFast)),
                          param_name);
 

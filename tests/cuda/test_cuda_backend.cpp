@@ -507,7 +507,8 @@ TEST_P(CudaFixture, LogitsCloseToTransformers) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaFixture,
                          ::testing::Values("llama_mha_linear", "llama3_gqa", "mistral_gqa",
-                                           "qwen2_bias_tied", "llama_dynamic", "llama_yarn"));
+                                           "qwen2_bias_tied", "llama_attn_bias", "llama_dynamic",
+                                           "llama_yarn"));
 
 std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint32_t seed) {
   std::mt19937 rng(seed);
