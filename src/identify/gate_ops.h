@@ -153,10 +153,11 @@ struct AttnWindow {
 };
 
 // O = softmax(Q K^T / sqrt(d)) V over the window's keys. lse[n, nq] receives the log-sum-exp of
-// the scaled scores for the backward. Work per head: O(n * visible keys * d).
+// the scaled scores for the backward. Work per head: O(n * visible keys * d). Plain loops: the
+// reference for the blocked versions below.
 template <class T>
-void attention_forward(const T* Q, const T* K, const T* V, int64_t n, int64_t nq, int64_t nkv,
-                       int64_t d, const AttnWindow& w, T* O, T* lse) {
+void attention_forward_reference(const T* Q, const T* K, const T* V, int64_t n, int64_t nq,
+                                 int64_t nkv, int64_t d, const AttnWindow& w, T* O, T* lse) {
   const int64_t G = nq / nkv;
   const T scale = T(1) / std::sqrt(static_cast<T>(d));
   std::vector<T> s;
@@ -199,9 +200,9 @@ void attention_forward(const T* Q, const T* K, const T* V, int64_t n, int64_t nq
 // Gradients of Q, K, V (overwritten) from dO, with the probabilities recomputed from lse:
 // dS_j = P_j (dO . V_j - dO . O), dQ = scale sum_j dS_j K_j, dK_j += scale dS_j Q, dV_j += P_j dO.
 template <class T>
-void attention_backward(const T* Q, const T* K, const T* V, const T* O, const T* lse, const T* dO,
-                        int64_t n, int64_t nq, int64_t nkv, int64_t d, const AttnWindow& w, T* dQ,
-                        T* dK, T* dV) {
+void attention_backward_reference(const T* Q, const T* K, const T* V, const T* O, const T* lse,
+                                  const T* dO, int64_t n, int64_t nq, int64_t nkv, int64_t d,
+                                  const AttnWindow& w, T* dQ, T* dK, T* dV) {
   const int64_t G = nq / nkv;
   const T scale = T(1) / std::sqrt(static_cast<T>(d));
   std::fill(dQ, dQ + n * nq * d, T(0));
@@ -237,6 +238,150 @@ void attention_backward(const T* Q, const T* K, const T* V, const T* O, const T*
             dk[i] += ds * q[i];
             dv[i] += p * dO_[i];
           }
+        }
+      }
+    }
+  }
+}
+
+// C[M, N] = alpha op(A) op(B) + beta C, row-major (cblas_sgemm / cblas_dgemm).
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+          int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, double alpha,
+          const double* A, int64_t lda, const double* B, int64_t ldb, double beta, double* C,
+          int64_t ldc);
+
+// The keys any query of rows [t0, t1) may see: [0, a1) and [b0, t1) with a1 <= b0 (windows are
+// monotone: a1 and b0 never decrease with t).
+inline KeyRanges block_key_union(const AttnWindow& w, int64_t t0, int64_t t1) {
+  const KeyRanges first = w.keys(t0), last = w.keys(t1 - 1);
+  KeyRanges u;
+  u.a1 = last.a1;
+  if (w.kind == WindowKind::kFull) {
+    u.b0 = u.b1 = u.a1;
+    return u;
+  }
+  u.b1 = t1;
+  u.b0 = std::min(std::max(first.b0, u.a1), u.b1);
+  return u;
+}
+
+// Blocked attention (BLAS): rows in blocks of `block_rows`; per block and KV head the union of the
+// visible keys is gathered, scores come from one GEMM per query head, invisible keys are masked
+// per row. Same results as the reference up to rounding; extra work (R + block) / R at most.
+template <class T>
+void attention_forward(const T* Q, const T* K, const T* V, int64_t n, int64_t nq, int64_t nkv,
+                       int64_t d, const AttnWindow& w, T* O, T* lse, int64_t block_rows = 64) {
+  const int64_t G = nq / nkv;
+  const T scale = T(1) / std::sqrt(static_cast<T>(d));
+  std::vector<int64_t> js;
+  std::vector<T> Kg, Vg, S;
+  for (int64_t t0 = 0; t0 < n; t0 += block_rows) {
+    const int64_t t1 = std::min(n, t0 + block_rows), B = t1 - t0;
+    const KeyRanges u = block_key_union(w, t0, t1);
+    js.clear();
+    for (int64_t j = 0; j < u.a1; ++j) js.push_back(j);
+    for (int64_t j = u.b0; j < u.b1; ++j) js.push_back(j);
+    const int64_t m = static_cast<int64_t>(js.size());
+    Kg.resize(static_cast<size_t>(m * d));
+    Vg.resize(Kg.size());
+    S.resize(static_cast<size_t>(B * m));
+    for (int64_t g = 0; g < nkv; ++g) {
+      for (int64_t e = 0; e < m; ++e) {
+        std::copy(K + (js[e] * nkv + g) * d, K + (js[e] * nkv + g + 1) * d, Kg.begin() + e * d);
+        std::copy(V + (js[e] * nkv + g) * d, V + (js[e] * nkv + g + 1) * d, Vg.begin() + e * d);
+      }
+      for (int64_t h = g * G; h < (g + 1) * G; ++h) {
+        gemm(false, true, B, m, d, scale, Q + (t0 * nq + h) * d, nq * d, Kg.data(), d, T(0),
+             S.data(), m);
+        for (int64_t r = 0; r < B; ++r) {
+          const KeyRanges kr = w.keys(t0 + r);
+          T* row = S.data() + r * m;
+          T mx = -INFINITY;
+          for (int64_t e = 0; e < m; ++e) {
+            const int64_t j = js[e];
+            const bool vis = (j >= kr.a0 && j < kr.a1) || (j >= kr.b0 && j < kr.b1);
+            if (!vis) row[e] = -INFINITY;
+            mx = std::max(mx, row[e]);
+          }
+          T sum = 0;
+          for (int64_t e = 0; e < m; ++e) sum += (row[e] = std::exp(row[e] - mx));
+          const T invs = T(1) / sum;
+          for (int64_t e = 0; e < m; ++e) row[e] *= invs;
+          lse[(t0 + r) * nq + h] = mx + std::log(sum);
+        }
+        gemm(false, false, B, d, m, T(1), S.data(), m, Vg.data(), d, T(0), O + (t0 * nq + h) * d,
+             nq * d);
+      }
+    }
+  }
+}
+
+// Blocked backward: overwrites dQ, dK, dV.
+template <class T>
+void attention_backward(const T* Q, const T* K, const T* V, const T* O, const T* lse, const T* dO,
+                        int64_t n, int64_t nq, int64_t nkv, int64_t d, const AttnWindow& w, T* dQ,
+                        T* dK, T* dV, int64_t block_rows = 64) {
+  const int64_t G = nq / nkv;
+  const T scale = T(1) / std::sqrt(static_cast<T>(d));
+  std::fill(dK, dK + n * nkv * d, T(0));
+  std::fill(dV, dV + n * nkv * d, T(0));
+  std::vector<int64_t> js;
+  std::vector<T> Kg, Vg, dKg, dVg, P, dP, D;
+  for (int64_t t0 = 0; t0 < n; t0 += block_rows) {
+    const int64_t t1 = std::min(n, t0 + block_rows), B = t1 - t0;
+    const KeyRanges u = block_key_union(w, t0, t1);
+    js.clear();
+    for (int64_t j = 0; j < u.a1; ++j) js.push_back(j);
+    for (int64_t j = u.b0; j < u.b1; ++j) js.push_back(j);
+    const int64_t m = static_cast<int64_t>(js.size());
+    Kg.resize(static_cast<size_t>(m * d));
+    Vg.resize(Kg.size());
+    dKg.resize(Kg.size());
+    dVg.resize(Kg.size());
+    P.resize(static_cast<size_t>(B * m));
+    dP.resize(P.size());
+    D.resize(static_cast<size_t>(B));
+    for (int64_t g = 0; g < nkv; ++g) {
+      for (int64_t e = 0; e < m; ++e) {
+        std::copy(K + (js[e] * nkv + g) * d, K + (js[e] * nkv + g + 1) * d, Kg.begin() + e * d);
+        std::copy(V + (js[e] * nkv + g) * d, V + (js[e] * nkv + g + 1) * d, Vg.begin() + e * d);
+      }
+      std::fill(dKg.begin(), dKg.end(), T(0));
+      std::fill(dVg.begin(), dVg.end(), T(0));
+      for (int64_t h = g * G; h < (g + 1) * G; ++h) {
+        const T* Qh = Q + (t0 * nq + h) * d;
+        const T* dOh = dO + (t0 * nq + h) * d;
+        gemm(false, true, B, m, d, scale, Qh, nq * d, Kg.data(), d, T(0), P.data(), m);
+        gemm(false, true, B, m, d, T(1), dOh, nq * d, Vg.data(), d, T(0), dP.data(), m);
+        for (int64_t r = 0; r < B; ++r) {
+          const KeyRanges kr = w.keys(t0 + r);
+          const T L = lse[(t0 + r) * nq + h];
+          const T* o = O + ((t0 + r) * nq + h) * d;
+          const T* dor = dOh + r * nq * d;
+          T Dr = 0;
+          for (int64_t i = 0; i < d; ++i) Dr += dor[i] * o[i];
+          T* prow = P.data() + r * m;
+          T* dprow = dP.data() + r * m;
+          for (int64_t e = 0; e < m; ++e) {
+            const int64_t j = js[e];
+            const bool vis = (j >= kr.a0 && j < kr.a1) || (j >= kr.b0 && j < kr.b1);
+            const T p = vis ? std::exp(prow[e] - L) : T(0);
+            prow[e] = p;
+            dprow[e] = p * (dprow[e] - Dr) * scale;  // dS, scaled
+          }
+        }
+        gemm(false, false, B, d, m, T(1), dP.data(), m, Kg.data(), d, T(0), dQ + (t0 * nq + h) * d,
+             nq * d);
+        gemm(true, false, m, d, B, T(1), dP.data(), m, Qh, nq * d, T(1), dKg.data(), d);
+        gemm(true, false, m, d, B, T(1), P.data(), m, dOh, nq * d, T(1), dVg.data(), d);
+      }
+      for (int64_t e = 0; e < m; ++e) {
+        T* dk = dK + (js[e] * nkv + g) * d;
+        T* dv = dV + (js[e] * nkv + g) * d;
+        for (int64_t i = 0; i < d; ++i) {
+          dk[i] += dKg[e * d + i];
+          dv[i] += dVg[e * d + i];
         }
       }
     }
