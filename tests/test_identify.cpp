@@ -233,6 +233,11 @@ TEST(Identify, GateRejectsBadFlags) {
   EXPECT_NE(blk.err.find("multiples of the block size"), std::string::npos) << blk.err;
   auto res = testing::run_duo(gate_args(t, "--resume"));
   EXPECT_NE(res.err.find("no checkpoint"), std::string::npos) << res.err;
+  // A checkpoint from other settings is refused.
+  ASSERT_EQ(testing::run_duo(gate_args(t, "--steps 1")).exit_code, 0);
+  auto other = testing::run_duo(gate_args(t, "--steps 2 --resume --reg 0.1"));
+  EXPECT_NE(other.exit_code, 0);
+  EXPECT_NE(other.err.find("reg_weight"), std::string::npos) << other.err;
 }
 
 TEST(Identify, GateBlockMaskRuns) {

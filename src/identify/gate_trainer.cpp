@@ -143,39 +143,6 @@ void train_gates(const GateTrainOptions& o) {
   const std::filesystem::path log_path = o.out_dir / "train_log.json";
   GateOptimizer opt(model.num_gates(), o.lr, o.steps);
   DataState data{std::mt19937_64(o.seed), {}};
-  nlohmann::json log = nlohmann::json::array();
-  double seconds_before = 0;
-  if (o.resume) {
-    check(std::filesystem::exists(ckpt_path), "--resume: no checkpoint ", ckpt_path.string());
-    nlohmann::json ck;
-    try {
-      std::ifstream in(ckpt_path);
-      ck = nlohmann::json::parse(in);
-      opt.load_json(ck.at("optimizer"));
-      std::istringstream rs(ck.at("rng").get<std::string>());
-      rs >> data.rng;
-      check(!rs.fail(), "bad RNG state");
-      data.order = ck.at("length_order").get<std::vector<int64_t>>();
-      seconds_before = ck.value("seconds", 0.0);
-      if (std::filesystem::exists(log_path)) {
-        std::ifstream lin(log_path);
-        log = nlohmann::json::parse(lin).at("steps");
-      }
-    } catch (const nlohmann::json::exception& e) {
-      fail("--resume: ", ckpt_path.string(), ": ", e.what());
-    }
-    check(opt.step <= o.steps, "--resume: the checkpoint is at step ", opt.step, ", past --steps ",
-          o.steps);
-    // The schedule follows the current --steps.
-    opt.total_steps = o.steps;
-    opt.lr = o.lr;
-    // Drop log entries past the checkpoint (written after the last save).
-    nlohmann::json kept = nlohmann::json::array();
-    for (const auto& e : log)
-      if (e.at("step").get<int64_t>() < opt.step) kept.push_back(e);
-    log = kept;
-  }
-
   nlohmann::json run_config = {
       {"method", "gate"},
       {"model_name", o.model_dir.string()},
@@ -201,6 +168,44 @@ void train_gates(const GateTrainOptions& o) {
        "mean over labelled tokens of mean over channels of (h_student - h_teacher)^2 on "
        "the final normed hidden states + reg * mean|gate|"},
   };
+  nlohmann::json log = nlohmann::json::array();
+  double seconds_before = 0;
+  if (o.resume) {
+    check(std::filesystem::exists(ckpt_path), "--resume: no checkpoint ", ckpt_path.string());
+    nlohmann::json ck;
+    try {
+      std::ifstream in(ckpt_path);
+      ck = nlohmann::json::parse(in);
+      opt.load_json(ck.at("optimizer"));
+      std::istringstream rs(ck.at("rng").get<std::string>());
+      rs >> data.rng;
+      check(!rs.fail(), "bad RNG state");
+      data.order = ck.at("length_order").get<std::vector<int64_t>>();
+      seconds_before = ck.value("seconds", 0.0);
+      // Everything but the step count must match the run being resumed.
+      const nlohmann::json& was = ck.at("config");
+      for (const auto& [key, value] : run_config.items())
+        if (key != "num_steps" && was.contains(key))
+          check(was.at(key) == value, "--resume: the checkpoint was trained with ", key, " = ",
+                was.at(key).dump(), ", this run has ", value.dump());
+      if (std::filesystem::exists(log_path)) {
+        std::ifstream lin(log_path);
+        log = nlohmann::json::parse(lin).at("steps");
+      }
+    } catch (const nlohmann::json::exception& e) {
+      fail("--resume: ", ckpt_path.string(), ": ", e.what());
+    }
+    check(opt.step <= o.steps, "--resume: the checkpoint is at step ", opt.step, ", past --steps ",
+          o.steps);
+    // The schedule follows the current --steps.
+    opt.total_steps = o.steps;
+    opt.lr = o.lr;
+    // Drop log entries past the checkpoint (written after the last save).
+    nlohmann::json kept = nlohmann::json::array();
+    for (const auto& e : log)
+      if (e.at("step").get<int64_t>() < opt.step) kept.push_back(e);
+    log = kept;
+  }
 
   auto save = [&](double seconds) {
     HeadPattern pat;
