@@ -39,6 +39,7 @@ std::string device_name(const std::string& resolved) {
 #ifdef DUO_HAVE_CUDA
   if (resolved == "cuda") return cuda::device_name(0);
 #endif
+  (void)resolved;
   return "cpu";
 }
 

@@ -1,4 +1,6 @@
 // `duo identify`: find retrieval heads and write a pattern in the published format.
+//   --method gate (default): the paper's optimisation (duoattention.md section 4) on the CPU,
+//   identify/gate_trainer.h.
 //   --method heuristic: one full-attention forward pass per synthetic multi-passkey sample. For
 //   each query of the question-and-answer block and each KV head (its query heads averaged), either
 //   `deviation`: |o_full - o_window|^2 / |o_full|^2, how far the head's output moves when it only
@@ -17,6 +19,7 @@
 #include "engine/model.h"
 #include "eval/multi_passkey.h"
 #include "eval/niah.h"
+#include "identify/gate_trainer.h"
 
 namespace duo::cli {
 
@@ -38,7 +41,39 @@ struct IdentifyArgs {
   std::string backend = "cpu";
   std::string score = "needle-mass";
   std::string data = "duo";
+  // --method gate
+  int64_t steps = 2000;
+  double lr = 0.02;
+  double reg = 0.05;
+  std::string mask = "exact";
+  int64_t block = 128;
+  int64_t save_every = 50;
+  bool resume = false;
 };
+
+void identify_gate(const IdentifyArgs& a) {
+  gate::GateTrainOptions o;
+  o.model_dir = a.model_dir;
+  o.corpus = a.corpus;
+  o.out_dir = a.out_dir;
+  o.steps = a.steps;
+  o.lr = a.lr;
+  o.reg = a.reg;
+  o.ctx_min = a.ctx_min;
+  o.ctx_max = a.ctx_max;
+  o.sink = a.sink;
+  o.recent = a.recent;
+  o.passkeys = a.passkeys;
+  o.seed = a.seed;
+  o.data = a.data;
+  o.mask = a.mask;
+  o.block = a.block;
+  o.save_every = a.save_every;
+  o.resume = a.resume;
+  gate::train_gates(o);
+  std::printf("wrote %s/full_attention_heads.tsv (gate optimisation, %lld steps)\n",
+              a.out_dir.c_str(), static_cast<long long>(a.steps));
+}
 
 void identify_heuristic(const IdentifyArgs& a) {
   const ModelConfig cfg = ModelConfig::load(a.model_dir);
@@ -158,13 +193,27 @@ void add_identify_command(CLI::App& app) {
          "Synthetic data: duo (section 4: NATO-word passkeys, default) or qa (numeric passkeys in "
          "the demo models' Question/Answer format, at most 4 per sample)")
       ->check(CLI::IsMember({"duo", "qa"}));
+  cmd->add_option("--steps", a->steps, "Gate: optimisation steps (default 2000)");
+  cmd->add_option("--lr", a->lr, "Gate: AdamW learning rate (default 0.02)");
+  cmd->add_option("--reg", a->reg, "Gate: weight of the mean |gate| regulariser (default 0.05)");
+  cmd->add_option("--mask", a->mask,
+                  "Gate: streaming mask while training: exact (token-exact sink + recent, "
+                  "default) or block (the release: blocks of --block tokens)")
+      ->check(CLI::IsMember({"exact", "block"}));
+  cmd->add_option("--block", a->block, "Gate: block size of --mask block (default 128)");
+  cmd->add_option("--save-every", a->save_every,
+                  "Gate: write the pattern, log and checkpoint every N steps (default 50)");
+  cmd->add_flag("--resume", a->resume,
+                "Gate: continue from the checkpoint in the output directory");
   add_backend_option(cmd, a->backend);
   cmd->callback([a] {
-    check(a->method == "heuristic",
-          "--method gate (the gate optimisation of duoattention.md section 4) is not implemented "
-          "yet; "
-          "use --method heuristic");
-    identify_heuristic(*a);
+    if (a->method == "gate") {
+      check(a->backend != "cuda", "--method gate runs on the CPU only (got --backend ", a->backend,
+            ")");
+      identify_gate(*a);
+    } else {
+      identify_heuristic(*a);
+    }
   });
 }
 
