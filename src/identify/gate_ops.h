@@ -79,8 +79,10 @@ void swiglu_backward(const T* g, const T* u, const T* da, int64_t count, T* dg, 
 // ---- RoPE (rotate-half): per row t and head, pairs (i, i + d/2) rotate by the angle of row t ----
 // cos/sin are tables [n, d/2] (row t = position t).
 
+// Rotation by +angle (forward) or -angle (backward: the transpose, applied to the gradient).
 template <class T>
-void rope_forward(T* x, const T* cos, const T* sin, int64_t n, int64_t heads, int64_t d) {
+void rope_rotate_rows(T* x, const T* cos, const T* sin, int64_t n, int64_t heads, int64_t d,
+                      T sign) {
   const int64_t half = d / 2;
   for (int64_t t = 0; t < n; ++t)
     for (int64_t h = 0; h < heads; ++h) {
@@ -89,27 +91,21 @@ void rope_forward(T* x, const T* cos, const T* sin, int64_t n, int64_t heads, in
       const T* s = sin + t * half;
       for (int64_t i = 0; i < half; ++i) {
         const T a = v[i], b = v[i + half];
-        v[i] = a * c[i] - b * s[i];
-        v[i + half] = b * c[i] + a * s[i];
+        v[i] = a * c[i] - sign * b * s[i];
+        v[i + half] = b * c[i] + sign * a * s[i];
       }
     }
+}
+
+template <class T>
+void rope_forward(T* x, const T* cos, const T* sin, int64_t n, int64_t heads, int64_t d) {
+  rope_rotate_rows(x, cos, sin, n, heads, d, T(1));
 }
 
 // The transpose of the rotation (in place on the gradient).
 template <class T>
 void rope_backward(T* dx, const T* cos, const T* sin, int64_t n, int64_t heads, int64_t d) {
-  const int64_t half = d / 2;
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t h = 0; h < heads; ++h) {
-      T* v = dx + (t * heads + h) * d;
-      const T* c = cos + t * half;
-      const T* s = sin + t * half;
-      for (int64_t i = 0; i < half; ++i) {
-        const T da = v[i], db = v[i + half];
-        v[i] = da * c[i] + db * s[i];
-        v[i + half] = db * c[i] - da * s[i];
-      }
-    }
+  rope_rotate_rows(dx, cos, sin, n, heads, d, T(-1));
 }
 
 // ---- attention windows ----
