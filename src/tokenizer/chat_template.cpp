@@ -23,16 +23,21 @@ std::string strip(std::string_view s) {
   return std::string(s.substr(a, b - a + 1));
 }
 
-std::string llama2(const std::vector<ChatMessage>& msgs, const ChatTokens& t) {
-  // meta-llama/Llama-2-*-chat-hf template.
-  size_t start = 0;
+// An optional leading system message: its text, whether there is one, and the first other index.
+struct LeadingSystem {
   std::string system;
   bool has_system = false;
-  if (!msgs.empty() && msgs[0].role == "system") {
-    system = msgs[0].content;
-    has_system = true;
-    start = 1;
-  }
+  size_t start = 0;
+};
+
+LeadingSystem leading_system(const std::vector<ChatMessage>& msgs) {
+  if (!msgs.empty() && msgs[0].role == "system") return {msgs[0].content, true, 1};
+  return {};
+}
+
+std::string llama2(const std::vector<ChatMessage>& msgs, const ChatTokens& t) {
+  // meta-llama/Llama-2-*-chat-hf template.
+  const auto [system, has_system, start] = leading_system(msgs);
   std::string out;
   for (size_t i = start; i < msgs.size(); ++i) {
     const auto& m = msgs[i];
@@ -64,14 +69,7 @@ std::string llama3(const std::vector<ChatMessage>& msgs, bool gen, const ChatTok
 std::string mistral(const std::vector<ChatMessage>& msgs, const ChatTokens& t) {
   // Mistral-7B-Instruct v0.2 style; an optional leading system message is prepended to the first
   // user message, separated by a blank line.
-  size_t start = 0;
-  std::string system;
-  bool has_system = false;
-  if (!msgs.empty() && msgs[0].role == "system") {
-    system = msgs[0].content;
-    has_system = true;
-    start = 1;
-  }
+  const auto [system, has_system, start] = leading_system(msgs);
   std::string out = t.bos;
   for (size_t i = start; i < msgs.size(); ++i) {
     const auto& m = msgs[i];
