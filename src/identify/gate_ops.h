@@ -265,6 +265,24 @@ inline KeyRanges block_key_union(const AttnWindow& w, int64_t t0, int64_t t1) {
 // Blocked attention (BLAS): rows in blocks of `block_rows`; per block and KV head the union of the
 // visible keys is gathered, scores come from one GEMM per query head, invisible keys are masked
 // per row. Same results as the reference up to rounding; extra work (R + block) / R at most.
+// The keys any query in rows [t0, t1) may see, as one ascending list.
+inline void block_keys(const AttnWindow& w, int64_t t0, int64_t t1, std::vector<int64_t>& js) {
+  const KeyRanges u = block_key_union(w, t0, t1);
+  js.clear();
+  for (int64_t j = 0; j < u.a1; ++j) js.push_back(j);
+  for (int64_t j = u.b0; j < u.b1; ++j) js.push_back(j);
+}
+
+// K/V rows js of KV head g ([n, nkv, d] layout) gathered into contiguous [js.size(), d] buffers.
+template <class T>
+void gather_group_keys(const T* K, const T* V, const std::vector<int64_t>& js, int64_t nkv,
+                       int64_t g, int64_t d, T* Kg, T* Vg) {
+  for (size_t e = 0; e < js.size(); ++e) {
+    std::copy(K + (js[e] * nkv + g) * d, K + (js[e] * nkv + g + 1) * d, Kg + e * d);
+    std::copy(V + (js[e] * nkv + g) * d, V + (js[e] * nkv + g + 1) * d, Vg + e * d);
+  }
+}
+
 template <class T>
 void attention_forward(const T* Q, const T* K, const T* V, int64_t n, int64_t nq, int64_t nkv,
                        int64_t d, const AttnWindow& w, T* O, T* lse, int64_t block_rows = 64) {
@@ -274,19 +292,13 @@ void attention_forward(const T* Q, const T* K, const T* V, int64_t n, int64_t nq
   std::vector<T> Kg, Vg, S;
   for (int64_t t0 = 0; t0 < n; t0 += block_rows) {
     const int64_t t1 = std::min(n, t0 + block_rows), B = t1 - t0;
-    const KeyRanges u = block_key_union(w, t0, t1);
-    js.clear();
-    for (int64_t j = 0; j < u.a1; ++j) js.push_back(j);
-    for (int64_t j = u.b0; j < u.b1; ++j) js.push_back(j);
+    block_keys(w, t0, t1, js);
     const int64_t m = static_cast<int64_t>(js.size());
     Kg.resize(static_cast<size_t>(m * d));
     Vg.resize(Kg.size());
     S.resize(static_cast<size_t>(B * m));
     for (int64_t g = 0; g < nkv; ++g) {
-      for (int64_t e = 0; e < m; ++e) {
-        std::copy(K + (js[e] * nkv + g) * d, K + (js[e] * nkv + g + 1) * d, Kg.begin() + e * d);
-        std::copy(V + (js[e] * nkv + g) * d, V + (js[e] * nkv + g + 1) * d, Vg.begin() + e * d);
-      }
+      gather_group_keys(K, V, js, nkv, g, d, Kg.data(), Vg.data());
       for (int64_t h = g * G; h < (g + 1) * G; ++h) {
         gemm(false, true, B, m, d, scale, Q + (t0 * nq + h) * d, nq * d, Kg.data(), d, T(0),
              S.data(), m);
@@ -326,10 +338,7 @@ void attention_backward(const T* Q, const T* K, const T* V, const T* O, const T*
   std::vector<T> Kg, Vg, dKg, dVg, P, dP, D;
   for (int64_t t0 = 0; t0 < n; t0 += block_rows) {
     const int64_t t1 = std::min(n, t0 + block_rows), B = t1 - t0;
-    const KeyRanges u = block_key_union(w, t0, t1);
-    js.clear();
-    for (int64_t j = 0; j < u.a1; ++j) js.push_back(j);
-    for (int64_t j = u.b0; j < u.b1; ++j) js.push_back(j);
+    block_keys(w, t0, t1, js);
     const int64_t m = static_cast<int64_t>(js.size());
     Kg.resize(static_cast<size_t>(m * d));
     Vg.resize(Kg.size());
@@ -339,10 +348,7 @@ void attention_backward(const T* Q, const T* K, const T* V, const T* O, const T*
     dP.resize(P.size());
     D.resize(static_cast<size_t>(B));
     for (int64_t g = 0; g < nkv; ++g) {
-      for (int64_t e = 0; e < m; ++e) {
-        std::copy(K + (js[e] * nkv + g) * d, K + (js[e] * nkv + g + 1) * d, Kg.begin() + e * d);
-        std::copy(V + (js[e] * nkv + g) * d, V + (js[e] * nkv + g + 1) * d, Vg.begin() + e * d);
-      }
+      gather_group_keys(K, V, js, nkv, g, d, Kg.data(), Vg.data());
       std::fill(dKg.begin(), dKg.end(), T(0));
       std::fill(dVg.begin(), dVg.end(), T(0));
       for (int64_t h = g * G; h < (g + 1) * G; ++h) {
