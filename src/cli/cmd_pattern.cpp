@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cli/commands.h"
+#include "cli/duo_options.h"
 #include "core/error.h"
 #include "duo/head_pattern.h"
 #include "model/config.h"
@@ -35,8 +36,6 @@ struct PatternArgs {
   CLI::Option* head_dim_opt = nullptr;
 };
 
-constexpr int64_t kDefaultSink = 64;
-constexpr int64_t kDefaultRecent = 256;
 constexpr int64_t kBytesPerElement = 2;  // bf16 KV cache
 
 std::string human_bytes(int64_t b) {

@@ -12,6 +12,11 @@
 
 namespace duo::cli {
 
+// The streaming window used when neither the flags nor a pattern's config.json give one (every
+// command that resolves a window starts from these).
+constexpr int64_t kDefaultSink = 64;
+constexpr int64_t kDefaultRecent = 256;
+
 struct DuoOptions {
   std::string pattern;
   std::optional<double> sparsity;
@@ -21,8 +26,8 @@ struct DuoOptions {
   std::string streaming_prefill = "exact";
   bool streaming_only = false;
   // Window used when neither the flags nor the pattern's config.json give one.
-  int64_t default_sink = 64;
-  int64_t default_recent = 256;
+  int64_t default_sink = kDefaultSink;
+  int64_t default_recent = kDefaultRecent;
 
   void add_to(CLI::App* cmd);
 };
