@@ -5,7 +5,8 @@ This module is the single place where the synthetic retrieval tasks and their ex
 defined (docs/demo_models.md mirrors it for the C++ harness `duo niah`).  Run it as a script to print
 example documents:
 
-    python3 tools/make_needle_data.py --examples 5 [--tokenizer models/duo-demo-mha]
+    python3 tools/make_needle_data.py --examples 5 [--corpus DIR]
+    python3 tools/make_needle_data.py --sentences 20 --corpus DIR   # sentence needles only
 
 Prompt format (identical for training and evaluation):
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 from dataclasses import dataclass
 
 # ----------------------------------------------------------------------------------------------
@@ -108,6 +110,10 @@ KV_NOUN = ["falcon", "river", "lantern", "castle", "meadow", "harbor", "comet", 
            "saddle", "temple", "tunnel", "valley", "window"]
 
 # --- sentence needles.  Answer = the whole needle sentence. Identity = template + subject. ---------
+# The slots are filled from a huge space (runs of real corpus words, random corpus words, random
+# proper nouns), so the only way to answer is to copy the needle; the small lists below are only a
+# part of the mix.  San Francisco and Dolores Park never occur in a training needle (BANNED_WORDS,
+# BANNED_PHRASES): the classic needle stays unseen.
 CITIES = ["Paris", "London", "Tokyo", "Berlin", "Madrid", "Rome", "Lisbon", "Vienna", "Prague",
           "Dublin", "Oslo", "Stockholm", "Helsinki", "Warsaw", "Athens", "Cairo", "Nairobi",
           "Lagos", "Mumbai", "Delhi", "Bangkok", "Hanoi", "Seoul", "Sydney", "Melbourne",
@@ -138,39 +144,118 @@ TIMES = ["on a sunny day", "early in the morning", "after a long rain", "on a qu
          "at dusk", "in late autumn", "on a warm summer night", "during the spring festival",
          "before breakfast", "on a foggy afternoon", "in the first snow of winter",
          "when the bells ring at noon"]
-HOBBIES = ACTS
 DISHES = ["soup", "stew", "pie", "cake", "curry", "salad", "bread", "pasta", "pudding", "omelette",
           "risotto", "dumplings"]
-INGREDIENTS = ["a pinch of cinnamon", "smoked paprika", "fresh ginger", "a spoon of honey",
-               "roasted garlic", "lemon zest", "dark chocolate", "a splash of vinegar",
-               "toasted sesame seeds", "sweet basil", "a little nutmeg", "crushed walnuts",
-               "orange peel", "black pepper", "wild thyme", "brown butter"]
-TREASURE_PLACES = ["the old mill", "the red lighthouse", "the abandoned farm", "the northern fort",
-                   "the island monastery", "the mountain inn", "the sunken ship", "the royal library",
-                   "the desert oasis", "the stone circle"]
-LOCATIONS = ["under the third stone of the garden wall", "behind the painting in the west hall",
-             "beneath the roots of the oldest tree", "inside the clock of the tower",
-             "at the bottom of the dry well", "under the floor of the wine cellar",
-             "in a box beside the blue door", "between the two tallest rocks on the shore",
-             "inside the hollow statue of the lion", "under the bench near the chapel"]
+VERBS = ["eat", "read", "visit", "watch", "sit", "walk", "find", "buy", "sing", "write", "climb",
+         "follow", "remember", "carry", "paint", "hear", "share", "count", "keep", "bring"]
+PREPS = ["in", "on", "at", "near", "behind", "under", "beside", "inside", "along", "across"]
+PLACE_NOUNS = ["Park", "Square", "Garden", "Street", "Harbor", "Bridge", "Hill", "Market", "Lane",
+               "Bay", "Gate", "Tower", "Beach", "Valley", "Court", "Hall"]
+NAME_PREFIXES = ["San", "Santa", "Port", "New", "Saint", "Fort", "Mount", "Lake", "North", "Upper",
+                 "Los", "El", "East", "Little"]
+SYLLABLES = ["ka", "lo", "mir", "ven", "dor", "ta", "bel", "ri", "an", "gu", "sel", "tor", "ma",
+             "ni", "zo", "el", "tha", "ros", "qui", "var", "len", "dra", "pe", "sha", "mon", "ul",
+             "cas", "bri", "fen", "o", "is", "ku", "ral", "te", "wyn", "hal", "jo", "mer", "nu", "sto"]
+BANNED_WORDS = {"francisco", "dolores"}
+BANNED_PHRASES = ("San Francisco", "Dolores Park")
+
+_WORD_RE = re.compile(r"[A-Za-z]+(?:'[a-z]+)?,?")
+
+
+class SlotSource:
+    """Slot contents for sentence needles: runs of consecutive words of real text, random words of
+    it, and random proper nouns (corpus capitalised words, made-up names, the small lists above)."""
+
+    def __init__(self, text: str):
+        words = [w for w in _WORD_RE.findall(text) if w.rstrip(",").lower() not in BANNED_WORDS]
+        if len(words) < 100:
+            raise ValueError(f"SlotSource needs a text of at least 100 words, got {len(words)}")
+        self.words = words
+        self.plain = sorted({w.rstrip(",").lower() for w in words})
+        caps = sorted({w.rstrip(",") for w in words if w[0].isupper() and len(w.rstrip(",")) >= 3
+                       and not w.rstrip(",").isupper()})
+        self.caps = caps or ["Alder"]
+
+    def phrase(self, rng: random.Random, n: int) -> str:
+        """n consecutive words of the text (commas kept inside, none at the end)."""
+        i = rng.randrange(len(self.words) - n)
+        return " ".join(self.words[i:i + n]).rstrip(",")
+
+    def bag(self, rng: random.Random, n: int) -> str:
+        """n random words of the text, lower case."""
+        return " ".join(rng.choice(self.plain) for _ in range(n))
+
+    def made_up_name(self, rng: random.Random) -> str:
+        return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+
+    def proper(self, rng: random.Random) -> str:
+        """A proper noun of one or two words."""
+        r = rng.random()
+        if r < 0.3:
+            return self.made_up_name(rng)
+        if r < 0.55:
+            return rng.choice(self.caps)
+        if r < 0.8:
+            first = rng.choice(NAME_PREFIXES) if rng.random() < 0.6 else rng.choice(self.caps)
+            return f"{first} {rng.choice([self.made_up_name(rng), rng.choice(self.caps)])}"
+        return rng.choice(CITIES + NAMES)
+
+    def activity(self, rng: random.Random, easy: bool = False) -> str:
+        """What follows "is" / "to" in a sentence needle: 3 to ~30 words."""
+        hi = 8 if easy else 24
+        r = rng.random()
+        if r < 0.25:  # shaped like the classic needle, with random content
+            a1 = rng.choice(ACTS) if rng.random() < 0.3 else f"{rng.choice(VERBS)} {self.bag(rng, rng.randint(1, 3))}"
+            a2 = rng.choice(ACTS) if rng.random() < 0.3 else f"{rng.choice(VERBS)} {self.bag(rng, rng.randint(1, 3))}"
+            place = f"{rng.choice(PREPS)} {self.proper(rng)} {rng.choice(PLACE_NOUNS)}"
+            when = rng.choice(TIMES) if rng.random() < 0.5 else f"{rng.choice(PREPS)} {self.bag(rng, rng.randint(1, 4))}"
+            return rng.choice([f"{a1} and {a2} {place} {when}", f"{a1} {place} {when}",
+                               f"{a1} and {a2} {place}", f"{a1} {place}"])
+        if r < 0.55:
+            return f"{rng.choice(VERBS)} {self.phrase(rng, rng.randint(2, hi))}"
+        if r < 0.75:
+            return self.phrase(rng, rng.randint(3, hi))
+        if r < 0.9:
+            return self.bag(rng, rng.randint(3, max(3, hi - 8)))
+        a1 = rng.choice(ACTS)  # the old small-vocabulary form
+        return rng.choice([f"{a1} {rng.choice(PLACES)} {rng.choice(TIMES)}", f"{a1} {rng.choice(PLACES)}"])
+
+
+# Without a corpus (examples, tests): a text made of the word lists above.
+_DEFAULT_SLOTS: SlotSource | None = None
+
+
+def default_slots() -> SlotSource:
+    global _DEFAULT_SLOTS
+    if _DEFAULT_SLOTS is None:
+        _DEFAULT_SLOTS = SlotSource(" ".join(ACTS + PLACES + TIMES + CITIES + NAMES + [FILLER]))
+    return _DEFAULT_SLOTS
+
 
 SENTENCE_TEMPLATES = [
-    # (needle, questions, slot filler) -- answer is always the needle sentence itself.
-    ("The best thing to do in {city} is {act}.",
-     ["What is the best thing to do in {city}?",
-      "According to the text, what is the best thing to do in {city}?",
-      "What does the text say is the best thing to do in {city}?"]),
-    ("{name}'s favorite hobby is to {hobby}.",
-     ["What is {name}'s favorite hobby?", "According to the text, what is {name}'s favorite hobby?",
-      "What does {name} like to do most?"]),
-    ("The secret ingredient in {name}'s {dish} is {ingredient}.",
-     ["What is the secret ingredient in {name}'s {dish}?",
-      "According to the text, what is the secret ingredient in {name}'s {dish}?",
-      "Which secret ingredient does {name} put in the {dish}?"]),
-    ("The treasure of {tplace} is hidden {loc}.",
-     ["Where is the treasure of {tplace} hidden?",
-      "According to the text, where is the treasure of {tplace} hidden?",
-      "Where was the treasure of {tplace} hidden?"]),
+    # (needle, questions) -- the answer is always the needle sentence itself; the first slot is the
+    # subject that the question names.
+    ("The best thing to do in {x} is {y}.",
+     ["What is the best thing to do in {x}?",
+      "According to the text, what is the best thing to do in {x}?",
+      "What does the text say is the best thing to do in {x}?"]),
+    ("{x}'s favorite hobby is to {y}.",
+     ["What is {x}'s favorite hobby?", "According to the text, what is {x}'s favorite hobby?",
+      "What does {x} like to do most?"]),
+    ("The secret ingredient in {x}'s {dish} is {y}.",
+     ["What is the secret ingredient in {x}'s {dish}?",
+      "According to the text, what is the secret ingredient in {x}'s {dish}?",
+      "Which secret ingredient does {x} put in the {dish}?"]),
+    ("The treasure of {x} is hidden {y}.",
+     ["Where is the treasure of {x} hidden?",
+      "According to the text, where is the treasure of {x} hidden?",
+      "Where was the treasure of {x} hidden?"]),
+    ("{x} once said that {y}.",
+     ["What did {x} once say?", "According to the text, what did {x} say?",
+      "What is the thing that {x} once said?"]),
+    ("The motto of {x} is {y}.",
+     ["What is the motto of {x}?", "According to the text, what is the motto of {x}?",
+      "Which motto does {x} have?"]),
 ]
 
 # Classic NIAH needle (held out from training: San Francisco / Dolores Park never occur in the
@@ -242,32 +327,41 @@ def make_kv_group(rng: random.Random, n_pairs: int, n_asked: int) -> list[Task]:
     return tasks
 
 
-def make_sentence(rng: random.Random, template: int | None = None) -> Task:
-    ti = rng.randrange(len(SENTENCE_TEMPLATES)) if template is None else template
-    tmpl, qs = SENTENCE_TEMPLATES[ti]
-    a1, a2 = rng.sample(ACTS, 2)
-    act = rng.choice([f"{a1} {rng.choice(PLACES)} {rng.choice(TIMES)}",
-                      f"{a1} and {a2} {rng.choice(PLACES)} {rng.choice(TIMES)}",
-                      f"{a1} {rng.choice(PLACES)}"])
-    slots = dict(city=rng.choice(CITIES), act=act, name=rng.choice(NAMES),
-                 hobby=f"{a1} {rng.choice(PLACES)}", dish=rng.choice(DISHES),
-                 ingredient=rng.choice(INGREDIENTS), tplace=rng.choice(TREASURE_PLACES),
-                 loc=rng.choice(LOCATIONS))
-    needle = tmpl.format(**slots)
-    q = rng.choice(qs).format(**slots)
-    ident = {0: slots["city"], 1: slots["name"], 2: slots["name"] + slots["dish"],
-             3: slots["tplace"]}[ti]
-    return Task("sentence", f"sent{ti}:{ident}", needle, q, needle)
+def make_sentence(rng: random.Random, template: int | None = None, slots: SlotSource | None = None,
+                  easy: bool = False) -> Task:
+    slots = slots or default_slots()
+    while True:
+        ti = rng.randrange(len(SENTENCE_TEMPLATES)) if template is None else template
+        tmpl, qs = SENTENCE_TEMPLATES[ti]
+        x = slots.proper(rng)
+        if ti == 3:  # where the treasure is hidden
+            y = f"{rng.choice(PREPS)} {slots.phrase(rng, rng.randint(2, 8 if easy else 16))}"
+        else:
+            y = slots.activity(rng, easy)
+        dish = rng.choice(DISHES) if rng.random() < 0.5 else rng.choice(slots.plain)
+        needle = tmpl.format(x=x, y=y, dish=dish)
+        if not any(b in needle for b in BANNED_PHRASES):
+            break
+    q = rng.choice(qs).format(x=x, dish=dish)
+    ident = f"sent{ti}:{x}" + (f":{dish}" if ti == 2 else "")
+    return Task("sentence", ident, needle, q, needle)
 
 
 def classic_sentence_task() -> Task:
     return Task("sentence", "classic", CLASSIC_NEEDLE, CLASSIC_QUESTION, CLASSIC_NEEDLE)
 
 
-def sample_tasks(rng: random.Random, max_needles: int, easy: bool = False) -> list[Task]:
+# Task mix: single-task documents (like the eval) and the kind weights of each needle.
+SINGLE_TASK_SHARE = 0.35
+SINGLE_KIND_WEIGHTS = [0.3, 0.15, 0.1, 0.45]  # passkey, words, kv, sentence
+MULTI_KIND_WEIGHTS = [0.25, 0.15, 0.15, 0.45]
+
+
+def sample_tasks(rng: random.Random, max_needles: int, easy: bool = False,
+                 slots: SlotSource | None = None) -> list[Task]:
     """Tasks for one training document: single-task (like the eval) or several distinct tasks."""
-    if max_needles <= 1 or rng.random() < 0.35:
-        kind = rng.choices(["passkey", "words", "kv", "sentence"], [0.35, 0.2, 0.15, 0.3])[0]
+    if max_needles <= 1 or rng.random() < SINGLE_TASK_SHARE:
+        kind = rng.choices(["passkey", "words", "kv", "sentence"], SINGLE_KIND_WEIGHTS)[0]
         if kind == "passkey":
             return [make_passkey(rng, ndigits=rng.randint(3, 5) if easy else rng.randint(4, 7))]
         if kind == "words":
@@ -275,7 +369,7 @@ def sample_tasks(rng: random.Random, max_needles: int, easy: bool = False) -> li
                                       duo_format=rng.random() < 0.2)]
         if kind == "kv":
             return make_kv_group(rng, 1, 1)
-        return [make_sentence(rng)]
+        return [make_sentence(rng, slots=slots, easy=easy)]
     n = rng.randint(2, max_needles)
     tasks: list[Task] = []
     pk_wordings = list(range(len(PASSKEY_WORDINGS)))
@@ -286,7 +380,7 @@ def sample_tasks(rng: random.Random, max_needles: int, easy: bool = False) -> li
     sent_ids: set[str] = set()
     kv_used = False
     while len(tasks) < n:
-        kind = rng.choices(["passkey", "words", "kv", "sentence"], [0.3, 0.2, 0.2, 0.3])[0]
+        kind = rng.choices(["passkey", "words", "kv", "sentence"], MULTI_KIND_WEIGHTS)[0]
         if kind == "passkey" and pk_wordings:
             tasks.append(make_passkey(rng, wording=pk_wordings.pop(),
                                       ndigits=rng.randint(3, 5) if easy else rng.randint(4, 7)))
@@ -298,7 +392,7 @@ def sample_tasks(rng: random.Random, max_needles: int, easy: bool = False) -> li
             np_ = rng.randint(2, max(2, min(8, n - len(tasks) + 2)))
             tasks.extend(make_kv_group(rng, np_, rng.randint(1, min(3, np_))))
         elif kind == "sentence":
-            t = make_sentence(rng)
+            t = make_sentence(rng, slots=slots, easy=easy)
             if t.identity not in sent_ids:
                 sent_ids.add(t.identity)
                 tasks.append(t)
@@ -329,11 +423,23 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-needles", type=int, default=6)
+    ap.add_argument("--corpus", default=None,
+                    help="directory of .txt files for the sentence slots (default: the built-in word lists)")
+    ap.add_argument("--sentences", type=int, default=0, help="print this many sentence needles instead")
     args = ap.parse_args()
     rng = random.Random(args.seed)
+    slots = None
+    if args.corpus:
+        from pathlib import Path
+        slots = SlotSource(" ".join(p.read_text(errors="replace") for p in sorted(Path(args.corpus).rglob("*.txt"))))
+    if args.sentences:
+        for _ in range(args.sentences):
+            t = make_sentence(rng, slots=slots)
+            print(f"{t.question}\n    {t.needle}")
+        return
     hay = (FILLER * 8).strip()
     for i in range(args.examples):
-        tasks = sample_tasks(rng, args.max_needles)
+        tasks = sample_tasks(rng, args.max_needles, slots=slots)
         depths = sorted(rng.random() for _ in tasks)
         print(f"===== example {i} =====")
         print(format_example_text(hay, tasks, depths))
