@@ -85,7 +85,7 @@ def read_text(p: Path) -> str:
     return t.strip() + "\n\n"
 
 
-def train_tokenizer(train_files, vocab_size: int, max_chars: int | None):
+def train_tokenizer(train_files, vocab_size: int, max_chars: int | None, slots):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -110,7 +110,7 @@ def train_tokenizer(train_files, vocab_size: int, max_chars: int | None):
                 break
         rng = random.Random(0)
         for _ in range(300):
-            ts = nd.sample_tasks(rng, 6)
+            ts = nd.sample_tasks(rng, 6, slots=slots)
             yield nd.format_example_text(nd.FILLER * 3, ts, [rng.random() for _ in ts])
     tok.train_from_iterator(pieces(), trainer=trainer)
     bos_id, eos_id = tok.token_to_id(BOS), tok.token_to_id(EOS)
@@ -230,6 +230,7 @@ def _worker_init(state):
     from tokenizers import Tokenizer
     _W["b"] = DocBuilder(Tokenizer.from_str(state["tok"]), state["texts"], state["filler"],
                          state["bos"], state["eos"])
+    _W["slots"] = nd.SlotSource(state["slot_text"])
     _W["aw"] = state["answer_weight"]
     _W["seed"] = state["seed"]
 
@@ -243,7 +244,7 @@ def make_batch(batch_idx: int, seq_len: int, rows: int, easy: bool):
     for r in range(rows):
         max_needles = max(1, min(16, 1 + seq_len // 1024))
         while True:
-            tasks = nd.sample_tasks(rng, max_needles, easy=easy)
+            tasks = nd.sample_tasks(rng, max_needles, easy=easy, slots=_W["slots"])
             kind = "filler" if rng.random() < 0.25 else "text"
             out = b.build(rng, tasks, seq_len + 1, kind, answer_weight=_W["aw"])
             if out is not None:
@@ -378,7 +379,9 @@ def write_card(path: Path, name: str, info: dict):
         "retrieval tasks (numeric passkeys, NATO-word passkeys, key-value lookups, sentence needles; see "
         "docs/demo_models.md and tools/make_needle_data.py) at random token depths, with the questions "
         "and answers at the end. 35% of documents hold one needle and one question (like the eval), the "
-        "rest several needles and questions.",
+        "rest several needles and questions; about 45% of the needles are sentence needles whose slots are "
+        "random runs of training-corpus words, random corpus words and random proper nouns (so that only "
+        "copying the needle answers the question), in six wordings.",
         f"- Loss: mean next-token cross-entropy over all non-answer tokens (haystack, needles, questions) "
         f"+ {info['config']['answer_weight']} x mean cross-entropy over the answer tokens (\" answer\\n\"), so the "
         "retrieval signal keeps its weight at every sequence length.",
@@ -469,9 +472,9 @@ def train_one(kind: str, args, tok, hf_tok, train_builder_state, builder, held_b
             phase, phase_step0, phase_t0, ck_budget = "extra", step, train_time, None
         random.setstate(ck["rng_py"])
         np.random.set_state(ck["rng_np"])
-        torch.set_rng_state(ck["rng_torch"])
+        torch.set_rng_state(ck["rng_torch"].cpu())
         if device.startswith("cuda") and ck.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(ck["rng_cuda"])
+            torch.cuda.set_rng_state(ck["rng_cuda"].cpu())
         log(f"{name}: resumed at step {step}, train_time {train_time:.1f}s")
 
     def save_ckpt():
@@ -725,6 +728,9 @@ def main():
 
     train_files, held_files = list_corpus(args.corpus)
     log(f"corpus: {len(train_files)} training files, {len(held_files)} held-out files")
+    # sentence-needle slot contents come from the training works only
+    slot_text = "\n".join(read_text(p) for p in train_files)
+    slots = nd.SlotSource(slot_text)
     args.out.mkdir(parents=True, exist_ok=True)
     tok_dir = args.out / ("_tokenizer-tiny" if args.tiny else "_tokenizer")
     from tokenizers import Tokenizer
@@ -733,7 +739,7 @@ def main():
         log(f"tokenizer: reused {tok_dir}")
     else:
         t = time.time()
-        tok = train_tokenizer(train_files, args.vocab, 2_000_000 if args.tiny else None)
+        tok = train_tokenizer(train_files, args.vocab, 2_000_000 if args.tiny else None, slots)
         tok_dir.mkdir(parents=True, exist_ok=True)
         tok.save(str(tok_dir / "tokenizer.json"))
         log(f"tokenizer: trained vocab {tok.get_vocab_size()} in {time.time() - t:.1f}s")
@@ -749,7 +755,7 @@ def main():
     builder = DocBuilder(tok, train_texts, filler, bos, eos)
     held_builder = DocBuilder(tok, held_texts, filler, bos, eos)
     state = dict(tok=tok.to_str(), texts=train_texts, filler=filler, bos=bos, eos=eos,
-                 answer_weight=args.answer_weight, seed=args.seed)
+                 answer_weight=args.answer_weight, seed=args.seed, slot_text=slot_text)
 
     resume_flag = args.resume
     args._pool = None
