@@ -1,25 +1,39 @@
 // `duo identify`: find retrieval heads and write a pattern in the published format.
-//   --method gate (default): the paper's optimisation (duoattention.md section 4) on the CPU,
-//   identify/gate_trainer.h.
+//   --method gate (default): the paper's optimisation (duoattention.md section 4),
+//   identify/gate_trainer.h, on the CPU (identify/gate_model.h) or the GPU (cuda/gate_cuda.h);
+//   --backend auto takes the GPU when there is one. With --profile-contexts it times training
+//   steps instead (on the GPU; --random-weights --config FILE needs no checkpoint) and projects
+//   the wall time of a full run.
 //   --method heuristic: one full-attention forward pass per synthetic multi-passkey sample. For
 //   each query of the question-and-answer block and each KV head (its query heads averaged), either
 //   `deviation`: |o_full - o_window|^2 / |o_full|^2, how far the head's output moves when it only
 //   sees sink + recent (a one-pass proxy of the gate objective), or `needle-mass`: the attention
 //   on the passkeys outside the window. Scores are normalised to [0, 1] by the largest.
+#include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <fstream>
+#include <iostream>
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "cli/backend_choice.h"
 #include "cli/cli_util.h"
 #include "cli/commands.h"
 #include "core/error.h"
+#include "core/file_util.h"
 #include "duo/head_pattern.h"
 #include "engine/model.h"
 #include "eval/multi_passkey.h"
 #include "eval/niah.h"
 #include "identify/gate_trainer.h"
+
+#ifdef DUO_HAVE_CUDA
+#include "cuda/cuda_backend.h"
+#include "cuda/gate_cuda.h"
+#endif
 
 namespace duo::cli {
 
@@ -38,7 +52,8 @@ struct IdentifyArgs {
   int64_t passkeys = 10;
   uint64_t seed = 42;
   int64_t chunk = 4096;
-  std::string backend = "cpu";
+  std::string backend = "cpu";  // heuristic default; gate: auto unless --backend is given
+  bool backend_given = false;
   std::string score = "needle-mass";
   std::string data = "duo";
   // --method gate
@@ -49,7 +64,202 @@ struct IdentifyArgs {
   int64_t block = 128;
   int64_t save_every = 50;
   bool resume = false;
+  // --profile-contexts: time training steps instead of training
+  bool random_weights = false;
+  std::string config_file;
+  std::string profile_contexts;
+  int64_t profile_steps = 3;
+  std::string json_file;
 };
+
+// The backend the gate method runs on: "cpu" or "cuda" (auto = cuda when a GPU is present).
+std::string gate_backend(const IdentifyArgs& a) {
+  const std::string b = resolve_backend(a.backend_given ? a.backend : "auto");
+  if (b == "cpu-reference") return "cpu";
+  return b;
+}
+
+std::unique_ptr<gate::GateEngine> make_gate_engine(const std::string& backend,
+                                                   const std::string& model_dir) {
+  if (backend == "cpu") return gate::make_cpu_gate_engine(model_dir);
+#ifdef DUO_HAVE_CUDA
+  check(cuda::device_count() > 0, "--backend cuda: no CUDA device found on this machine");
+  return std::make_unique<cuda::CudaGateModel>(model_dir);
+#else
+  fail("--backend cuda: this duo was built without CUDA (rebuild with nvcc available)");
+#endif
+}
+
+std::vector<int64_t> parse_lengths(const std::string& flag, const std::string& s) {
+  std::vector<int64_t> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    size_t pos = 0;
+    int64_t v = 0;
+    try {
+      v = std::stoll(item, &pos);
+    } catch (const std::exception&) {
+      fail(flag, ": '", item, "' is not an integer");
+    }
+    check(pos == item.size() && v > 0, flag, ": '", item, "' is not a positive integer");
+    out.push_back(v);
+  }
+  check(!out.empty(), flag, ": no lengths given");
+  return out;
+}
+
+// Least-squares fit of t(n) = c0 + c1 n + c2 n^2 (n in thousands of tokens for conditioning).
+std::array<double, 3> fit_quadratic(const std::vector<double>& n, const std::vector<double>& t) {
+  double A[3][4] = {};
+  for (size_t i = 0; i < n.size(); ++i) {
+    const double x = n[i] / 1000.0, p[3] = {1.0, x, x * x};
+    for (int r = 0; r < 3; ++r) {
+      for (int k = 0; k < 3; ++k) A[r][k] += p[r] * p[k];
+      A[r][3] += p[r] * t[i];
+    }
+  }
+  for (int col = 0; col < 3; ++col) {  // Gauss-Jordan with partial pivoting
+    int piv = col;
+    for (int r = col + 1; r < 3; ++r)
+      if (std::fabs(A[r][col]) > std::fabs(A[piv][col])) piv = r;
+    std::swap(A[col], A[piv]);
+    check(std::fabs(A[col][col]) > 1e-12, "--profile-contexts: the fit needs 3 distinct lengths");
+    for (int r = 0; r < 3; ++r) {
+      if (r == col) continue;
+      const double f = A[r][col] / A[col][col];
+      for (int k = col; k < 4; ++k) A[r][k] -= f * A[col][k];
+    }
+  }
+  return {A[0][3] / A[0][0], A[1][3] / A[1][1] / 1000.0, A[2][3] / A[2][2] / 1e6};
+}
+
+#ifdef DUO_HAVE_CUDA
+// Times full training steps (teacher + student forward + backward) per context on the GPU and
+// projects a --steps run with haystacks drawn like the trainer does.
+void identify_profile(const IdentifyArgs& a) {
+  check(gate_backend(a) == "cuda",
+        "--profile-contexts times the CUDA gate trainer: use --backend cuda (or auto on a GPU)");
+  check(a.model_dir.empty() != !a.random_weights,
+        "--profile-contexts: give either -m DIR or --random-weights --config FILE");
+  check(!a.random_weights || !a.config_file.empty(), "--random-weights needs --config FILE");
+  check(a.profile_steps >= 1, "--profile-steps must be >= 1");
+  check(a.ctx_min > 0 && a.ctx_max >= a.ctx_min, "--ctx-min/--ctx-max: need 0 < min <= max");
+  const std::vector<int64_t> contexts = parse_lengths("--profile-contexts", a.profile_contexts);
+  check(contexts.size() >= 3 || a.ctx_min == a.ctx_max,
+        "--profile-contexts: give at least 3 lengths for the time(n) fit");
+  using clock = std::chrono::steady_clock;
+  const std::string src = a.random_weights ? a.config_file : a.model_dir;
+  std::unique_ptr<cuda::CudaGateModel> model =
+      a.random_weights
+          ? std::make_unique<cuda::CudaGateModel>(
+                ModelConfig::from_json(read_json_file(a.config_file), a.config_file), a.seed)
+          : std::make_unique<cuda::CudaGateModel>(a.model_dir);
+  const ModelConfig& cfg = model->config();
+  const int64_t weights_bytes = model->device_bytes_in_use();
+  gate::AttnWindow w;
+  w.kind = gate::WindowKind::kExact;
+  w.sink = a.sink;
+  w.recent = a.recent;
+  std::mt19937_64 rng(a.seed);
+  std::uniform_real_distribution<double> gate_dist(0.0, 1.0);
+  std::vector<double> gates(static_cast<size_t>(model->num_gates()));
+  for (double& g : gates) g = gate_dist(rng);
+  std::fprintf(stderr, "identify profile: %s on %s, weights %s, %lld timed steps per context\n",
+               src.c_str(), model->device().c_str(), human_bytes(weights_bytes).c_str(),
+               static_cast<long long>(a.profile_steps));
+  nlohmann::json rows = nlohmann::json::array();
+  std::vector<double> xs, ts;
+  std::printf("%9s %12s %12s %12s %12s %12s\n", "context", "step_s", "teacher_s", "student_s",
+              "peak_GiB", "driver_GiB");
+  for (int64_t n : contexts) {
+    std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(cfg.vocab_size - 1));
+    std::vector<int32_t> ids(static_cast<size_t>(n));
+    for (int32_t& t : ids) t = tok(rng);
+    const int64_t label_begin = n - std::min<int64_t>(n, 64);
+    model->reset_peak();
+    std::vector<double> step_s, teacher_s, student_s;
+    double loss = 0;
+    for (int64_t s = 0; s <= a.profile_steps; ++s) {  // step 0 warms up (allocation, plans)
+      const auto t0 = clock::now();
+      model->teacher(ids);
+      const auto t1 = clock::now();
+      const gate::StudentResult r = model->student(ids, gates, label_begin, w, true);
+      const auto t2 = clock::now();
+      check(std::isfinite(r.distill), "profile: the loss is not finite at ", n, " tokens");
+      loss = r.distill;
+      if (s == 0) continue;
+      teacher_s.push_back(std::chrono::duration<double>(t1 - t0).count());
+      student_s.push_back(std::chrono::duration<double>(t2 - t1).count());
+      step_s.push_back(std::chrono::duration<double>(t2 - t0).count());
+    }
+    auto median = [](std::vector<double> v) {
+      std::sort(v.begin(), v.end());
+      return v[v.size() / 2];
+    };
+    const double step = median(step_s);
+    const int64_t peak = model->peak_device_bytes();
+    const int64_t driver = driver_used_bytes("cuda");
+    std::printf("%9lld %12.3f %12.3f %12.3f %12.2f %12.2f\n", static_cast<long long>(n), step,
+                median(teacher_s), median(student_s), static_cast<double>(peak) / (1 << 30),
+                static_cast<double>(driver) / (1 << 30));
+    std::fflush(stdout);
+    xs.push_back(static_cast<double>(n));
+    ts.push_back(step);
+    rows.push_back({{"context", n},
+                    {"step_seconds_median", step},
+                    {"step_seconds", step_s},
+                    {"teacher_seconds_median", median(teacher_s)},
+                    {"student_seconds_median", median(student_s)},
+                    {"peak_device_bytes", peak},
+                    {"driver_used_bytes", driver},
+                    {"distill_loss", loss}});
+  }
+  nlohmann::json j = {{"command", command_line()},
+                      {"model", src},
+                      {"card", model->device()},
+                      {"precision", "bf16 weights and GEMM inputs, fp32 activations"},
+                      {"sink", a.sink},
+                      {"recent", a.recent},
+                      {"weights_bytes", weights_bytes},
+                      {"results", rows}};
+  if (xs.size() >= 3) {
+    const auto c = fit_quadratic(xs, ts);
+    const double lo = static_cast<double>(a.ctx_min), hi = static_cast<double>(a.ctx_max);
+    auto t_of = [&](double n) { return c[0] + c[1] * n + c[2] * n * n; };
+    // The trainer draws haystack lengths from 50 evenly spaced values in [ctx-min, ctx-max]
+    // (each once per 50 steps); the continuous uniform mean is the integral of the fit.
+    double grid = 0;
+    for (int k = 0; k < 50; ++k) grid += t_of(lo + (hi - lo) * k / 49.0) / 50.0;
+    const double mean_sq = hi > lo ? (hi * hi * hi - lo * lo * lo) / (3 * (hi - lo)) : lo * lo;
+    const double integral = c[0] + c[1] * (lo + hi) / 2 + c[2] * mean_sq;
+    const double total = grid * static_cast<double>(a.steps);
+    std::printf(
+        "fit: step_s(n) = %.4g + %.4g n + %.4g n^2 (least squares over the %zu contexts)\n"
+        "projection: %lld steps with contexts uniform in [%lld, %lld]: mean step %.3f s "
+        "(integral of the fit; %.3f s over the trainer's 50 evenly spaced lengths) -> %.0f s = "
+        "%.2f h on %s\n",
+        c[0], c[1], c[2], xs.size(), static_cast<long long>(a.steps),
+        static_cast<long long>(a.ctx_min), static_cast<long long>(a.ctx_max), integral, grid, total,
+        total / 3600.0, model->device().c_str());
+    j["fit"] = {{"a", c[0]}, {"b", c[1]}, {"c", c[2]}, {"form", "step_s = a + b n + c n^2"}};
+    j["projection"] = {{"steps", a.steps},
+                       {"ctx_min", a.ctx_min},
+                       {"ctx_max", a.ctx_max},
+                       {"mean_step_seconds_integral", integral},
+                       {"mean_step_seconds_grid50", grid},
+                       {"total_seconds", total},
+                       {"method",
+                        "least-squares quadratic fit of the median step time, averaged over "
+                        "the trainer's 50 evenly spaced haystack lengths"}};
+  }
+  if (!a.json_file.empty()) {
+    std::ofstream out(a.json_file);
+    check(static_cast<bool>(out), "cannot write ", a.json_file);
+    out << j.dump(2) << "\n";
+  }
+}
+#endif
 
 void identify_gate(const IdentifyArgs& a) {
   gate::GateTrainOptions o;
@@ -70,9 +280,13 @@ void identify_gate(const IdentifyArgs& a) {
   o.block = a.block;
   o.save_every = a.save_every;
   o.resume = a.resume;
-  gate::train_gates(o);
-  std::printf("wrote %s/full_attention_heads.tsv (gate optimisation, %lld steps)\n",
-              a.out_dir.c_str(), static_cast<long long>(a.steps));
+  check(!a.model_dir.empty(), "-m DIR is required to train");
+  const std::string backend = gate_backend(a);
+  const std::unique_ptr<gate::GateEngine> engine = make_gate_engine(backend, a.model_dir);
+  std::fprintf(stderr, "identify (gate): training on %s\n", engine->device().c_str());
+  gate::train_gates(o, *engine);
+  std::printf("wrote %s/full_attention_heads.tsv (gate optimisation, %lld steps on %s)\n",
+              a.out_dir.c_str(), static_cast<long long>(a.steps), engine->device().c_str());
 }
 
 void identify_heuristic(const IdentifyArgs& a) {
@@ -169,7 +383,7 @@ void identify_heuristic(const IdentifyArgs& a) {
 void add_identify_command(CLI::App& app) {
   auto a = std::make_shared<IdentifyArgs>();
   CLI::App* cmd = app.add_subcommand("identify", "Find retrieval heads; write a head pattern");
-  cmd->add_option("-m,--model", a->model_dir, "Hugging Face model directory")->required();
+  cmd->add_option("-m,--model", a->model_dir, "Hugging Face model directory");
   cmd->add_option("--corpus", a->corpus, "Directory of .txt files for the synthetic passkey data");
   cmd->add_option("-o,--output", a->out_dir, "Pattern directory to write");
   cmd->add_option("--method", a->method,
@@ -206,12 +420,30 @@ void add_identify_command(CLI::App& app) {
   cmd->add_flag("--resume", a->resume,
                 "Gate: continue from the checkpoint in the output directory");
   add_backend_option(cmd, a->backend);
-  cmd->callback([a] {
+  cmd->add_flag("--random-weights", a->random_weights,
+                "Gate profile: random weights from --config (no checkpoint)");
+  cmd->add_option("--config", a->config_file, "Gate profile: config.json for --random-weights");
+  cmd->add_option("--profile-contexts", a->profile_contexts,
+                  "Gate: time training steps at these token counts (comma list, >= 3) on the GPU "
+                  "and project a --steps run over [--ctx-min, --ctx-max]; trains nothing");
+  cmd->add_option("--profile-steps", a->profile_steps,
+                  "Gate profile: timed steps per context after one warm-up (default 3)");
+  cmd->add_option("--json", a->json_file, "Gate profile: write the results as JSON to FILE");
+  cmd->callback([a, cmd] {
+    a->backend_given = cmd->get_option("--backend")->count() > 0;
     if (a->method == "gate") {
-      check(a->backend != "cuda", "--method gate runs on the CPU only (got --backend ", a->backend,
-            ")");
+      if (!a->profile_contexts.empty()) {
+#ifdef DUO_HAVE_CUDA
+        identify_profile(*a);
+#else
+        fail("--profile-contexts: this duo was built without CUDA");
+#endif
+        return;
+      }
+      check(!a->random_weights, "--random-weights only goes with --profile-contexts");
       identify_gate(*a);
     } else {
+      check(!a->model_dir.empty(), "-m DIR is required");
       identify_heuristic(*a);
     }
   });

@@ -127,7 +127,12 @@ void validate(const GateTrainOptions& o) {
 
 void train_gates(const GateTrainOptions& o) {
   validate(o);
-  const GateModel<float> model(o.model_dir);
+  const std::unique_ptr<GateEngine> engine = make_cpu_gate_engine(o.model_dir);
+  train_gates(o, *engine);
+}
+
+void train_gates(const GateTrainOptions& o, GateEngine& model) {
+  validate(o);
   const ModelConfig& cfg = model.config();
   auto tok = Tokenizer::load(o.model_dir);
   const std::vector<int32_t> hay = haystack_tokens(*tok, o.corpus, o.ctx_max + 1);
@@ -216,6 +221,7 @@ void train_gates(const GateTrainOptions& o) {
     pat.recent_size = o.recent;
     pat.config = run_config;
     pat.config["steps_done"] = opt.step;
+    pat.config["device"] = model.device();
     write_head_pattern(pat, o.out_dir);
     write_text(log_path, nlohmann::json{{"steps", log}}.dump(1) + "\n");
     nlohmann::json ck = {{"optimizer", opt.to_json()},
@@ -249,9 +255,8 @@ void train_gates(const GateTrainOptions& o) {
     const PasskeySample sample = make_multi_passkey_sample(*tok, hay, po, data.rng);
 
     opt.clamp();
-    const TeacherPass<float> teacher = model.teacher(sample.ids);
-    const StudentResult r =
-        model.student(sample.ids, teacher, opt.gates, sample.label_begin, window, true);
+    model.teacher(sample.ids);
+    const StudentResult r = model.student(sample.ids, opt.gates, sample.label_begin, window, true);
     std::vector<double> grad;
     const double loss = gate_objective(r, opt.gates, o.reg, &grad);
     check(std::isfinite(loss), "step ", s, ": the loss is not finite (", loss, ")");

@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "identify/gate_engine.h"
+
 namespace duo::gate {
 
 // Learning-rate factor at step s (0-based) of N: min(1, max((s+1)/(N/5), 0.1), max((N-s)/(N/5),
@@ -59,6 +61,9 @@ struct GateTrainOptions {
 //                                           and at the end,
 //   train_log.json                          the loss curve,
 //   gate_checkpoint.json                    gates, Adam moments, step and RNG state for --resume.
+// `engine` runs the teacher and student passes (CPU or CUDA, identify/gate_engine.h); it must hold
+// the model of o.model_dir. The overload without it trains on the CPU.
+void train_gates(const GateTrainOptions& o, GateEngine& engine);
 void train_gates(const GateTrainOptions& o);
 
 }  // namespace duo::gate

@@ -1,0 +1,655 @@
+// CudaGateModel (see gate_cuda.h): host side. The layer maths mirrors identify/gate_model.cpp
+// line by line (same order of operations, same recomputation in the backward); kernels are in
+// gate_kernels.cu, GEMMs go through cublasGemmEx (bf16 or fp32 inputs, fp32 output and
+// accumulation), the teacher's attention through cuda/attention.h.
+#include "cuda/gate_cuda.h"
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <string>
+
+#include "core/error.h"
+#include "cuda/attention.h"
+#include "cuda/attention_naive.h"
+#include "cuda/cuda_check.h"
+#include "cuda/gate_kernels.h"
+#include "engine/random_fill.h"
+#include "engine/rope.h"
+#include "model/safetensors.h"
+
+#define GATE_CUBLAS_CHECK(call)                                                                  \
+  do {                                                                                           \
+    cublasStatus_t st_ = (call);                                                                 \
+    if (st_ != CUBLAS_STATUS_SUCCESS)                                                            \
+      ::duo::fail(#call, " failed: ", cublasGetStatusString(st_), " (", __FILE__, ":", __LINE__, \
+                  ")");                                                                          \
+  } while (0)
+
+namespace duo::cuda {
+
+namespace gk = gate_kernels;
+using bf16 = __nv_bfloat16;
+
+namespace {
+
+// Device allocations with in-use / peak accounting.
+class Arena {
+ public:
+  void* alloc(int64_t bytes, const char* what) {
+    if (bytes <= 0) bytes = 16;
+    void* p = nullptr;
+    const cudaError_t e = cudaMalloc(&p, static_cast<size_t>(bytes));
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();
+      size_t free_b = 0, total_b = 0;
+      (void)cudaMemGetInfo(&free_b, &total_b);
+      fail("gate model: CUDA out of memory allocating ", what, " (", bytes / (1 << 20), " MiB; ",
+           free_b / (1 << 20), " MiB free of ", total_b / (1 << 20), " MiB; the model holds ",
+           in_use_ / (1 << 20), " MiB)");
+    }
+    sizes_[p] = bytes;
+    in_use_ += bytes;
+    peak_ = std::max(peak_, in_use_);
+    return p;
+  }
+  void free(void* p) {
+    if (p == nullptr) return;
+    auto it = sizes_.find(p);
+    if (it != sizes_.end()) {
+      in_use_ -= it->second;
+      sizes_.erase(it);
+    }
+    (void)cudaFree(p);
+  }
+  ~Arena() {
+    for (auto& [p, n] : sizes_) (void)cudaFree(p);
+  }
+  int64_t in_use() const { return in_use_; }
+  int64_t peak() const { return peak_; }
+  void reset_peak() { peak_ = in_use_; }
+
+ private:
+  std::map<void*, int64_t> sizes_;
+  int64_t in_use_ = 0, peak_ = 0;
+};
+
+gk::Window to_device_window(const gate::AttnWindow& w) {
+  gk::Window d;
+  d.kind = w.kind == gate::WindowKind::kFull ? 0 : (w.kind == gate::WindowKind::kExact ? 1 : 2);
+  d.sink = w.sink;
+  d.recent = w.recent;
+  d.block = w.block;
+  return d;
+}
+
+}  // namespace
+
+struct CudaGateModel::Impl {
+  ModelConfig c;
+  GateCudaOptions opt;
+  bool wb = true;  // weights (and O_full, GEMM inputs) in bf16
+  std::string name;
+  cudaStream_t st = nullptr;
+  cublasHandle_t blas = nullptr;
+  Arena mem;
+
+  struct Layer {
+    float *ln1 = nullptr, *ln2 = nullptr, *bq = nullptr, *bk = nullptr, *bv = nullptr,
+          *bo = nullptr;
+    void *wq = nullptr, *wk = nullptr, *wv = nullptr, *wo = nullptr, *wg = nullptr, *wu = nullptr,
+         *wd = nullptr;
+  };
+  void* embed = nullptr;
+  float* final_norm = nullptr;
+  std::vector<Layer> layers;
+
+  // Buffers sized for `cap` tokens.
+  int64_t cap = 0;
+  float* xs = nullptr;       // [(L + 1)][cap H] layer inputs
+  void* ofull = nullptr;     // [L][cap qd] teacher attention output (weight type)
+  float* t_final = nullptr;  // [cap H]
+  float *xn1 = nullptr, *inv1 = nullptr, *q = nullptr, *k = nullptr, *v = nullptr, *attn = nullptr,
+        *lse = nullptr, *mix = nullptr, *x1 = nullptr, *xn2 = nullptr, *inv2 = nullptr,
+        *g = nullptr, *u = nullptr, *act = nullptr, *y = nullptr, *invf = nullptr, *dx = nullptr,
+        *dxn = nullptr, *dq = nullptr, *dk = nullptr, *dv = nullptr, *dt = nullptr, *cosb = nullptr,
+        *sinb = nullptr;
+  bf16* conv = nullptr;  // GEMM input in bf16 [cap max(H, qd, I)]
+  bf16 *qb = nullptr, *kb = nullptr, *vb = nullptr, *store_k = nullptr, *store_v = nullptr;
+  int32_t* ids = nullptr;
+  double *row_loss = nullptr, *total = nullptr, *partial = nullptr, *dgate = nullptr;
+  float* gates = nullptr;
+  std::vector<void*> per_n;
+  int64_t rope_n = -1;  // the n the rope tables hold
+  int64_t teacher_n = 0;
+
+  ~Impl() {
+    if (st != nullptr) (void)cudaStreamSynchronize(st);
+    if (blas != nullptr) (void)cublasDestroy(blas);
+    if (st != nullptr) (void)cudaStreamDestroy(st);
+  }
+
+  void init(GateCudaOptions o) {
+    opt = o;
+    wb = o.precision == GatePrecision::kBf16;
+    int count = 0;
+    const cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess || count == 0) {
+      (void)cudaGetLastError();
+      fail("--backend cuda: no CUDA device available");
+    }
+    check(o.device >= 0 && o.device < count, "CUDA device ", o.device, " does not exist");
+    DUO_CUDA_CHECK(cudaSetDevice(o.device));
+    cudaDeviceProp prop{};
+    DUO_CUDA_CHECK(cudaGetDeviceProperties(&prop, o.device));
+    name = prop.name;
+    DUO_CUDA_CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    GATE_CUBLAS_CHECK(cublasCreate(&blas));
+    GATE_CUBLAS_CHECK(cublasSetStream(blas, st));
+    // Plain fp32 GEMMs stay fp32 (no TF32): kF32 is the exact mode.
+    GATE_CUBLAS_CHECK(cublasSetMathMode(blas, CUBLAS_DEFAULT_MATH));
+    const ModelConfig& m = c;
+    check(!m.mlp_bias, "mlp_bias is not supported by the gate trainer");
+    check(!m.sliding_window.has_value(),
+          "sliding-window models are not supported by the gate trainer");
+    check(m.head_dim % 4 == 0 && m.num_heads % m.num_kv_heads == 0,
+          "gate model: unsupported head layout");
+  }
+
+  int64_t wbytes() const { return wb ? 2 : 4; }
+  cudaDataType_t wtype() const { return wb ? CUDA_R_16BF : CUDA_R_32F; }
+
+  float* falloc(int64_t count, const char* what) {
+    return static_cast<float*>(mem.alloc(count * 4, what));
+  }
+  // A matrix in the weight type from host fp32 (converted on the device).
+  void* upload_matrix(const std::vector<float>& h, const char* what) {
+    const int64_t n = static_cast<int64_t>(h.size());
+    void* dst = mem.alloc(n * wbytes(), what);
+    if (!wb) {
+      DUO_CUDA_CHECK(
+          cudaMemcpyAsync(dst, h.data(), static_cast<size_t>(n) * 4, cudaMemcpyHostToDevice, st));
+      DUO_CUDA_CHECK(cudaStreamSynchronize(st));
+      return dst;
+    }
+    float* tmp = falloc(n, "weight staging");
+    DUO_CUDA_CHECK(
+        cudaMemcpyAsync(tmp, h.data(), static_cast<size_t>(n) * 4, cudaMemcpyHostToDevice, st));
+    gk::f32_to_bf16(tmp, static_cast<bf16*>(dst), n, st);
+    DUO_CUDA_CHECK(cudaStreamSynchronize(st));
+    mem.free(tmp);
+    return dst;
+  }
+  float* upload_vector(const std::vector<float>& h, const char* what) {
+    float* dst = falloc(static_cast<int64_t>(h.size()), what);
+    DUO_CUDA_CHECK(cudaMemcpyAsync(dst, h.data(), h.size() * 4, cudaMemcpyHostToDevice, st));
+    DUO_CUDA_CHECK(cudaStreamSynchronize(st));
+    return dst;
+  }
+
+  void load_checkpoint(const std::filesystem::path& dir) {
+    const WeightStore ws = WeightStore::open(dir);
+    const int64_t H = c.hidden_size, I = c.intermediate_size, qd = c.q_dim(), kd = c.kv_dim();
+    embed = upload_matrix(ws.load_f32("model.embed_tokens.weight", {c.vocab_size, H}), "embed");
+    final_norm = upload_vector(ws.load_f32("model.norm.weight", {H}), "final norm");
+    layers.resize(static_cast<size_t>(c.num_layers));
+    for (int64_t l = 0; l < c.num_layers; ++l) {
+      const std::string p = "model.layers." + std::to_string(l) + ".";
+      Layer& w = layers[static_cast<size_t>(l)];
+      w.ln1 = upload_vector(ws.load_f32(p + "input_layernorm.weight", {H}), "ln1");
+      w.ln2 = upload_vector(ws.load_f32(p + "post_attention_layernorm.weight", {H}), "ln2");
+      w.wq = upload_matrix(ws.load_f32(p + "self_attn.q_proj.weight", {qd, H}), "wq");
+      w.wk = upload_matrix(ws.load_f32(p + "self_attn.k_proj.weight", {kd, H}), "wk");
+      w.wv = upload_matrix(ws.load_f32(p + "self_attn.v_proj.weight", {kd, H}), "wv");
+      w.wo = upload_matrix(ws.load_f32(p + "self_attn.o_proj.weight", {H, qd}), "wo");
+      if (c.qkv_bias) {
+        w.bq = upload_vector(ws.load_f32(p + "self_attn.q_proj.bias", {qd}), "bq");
+        w.bk = upload_vector(ws.load_f32(p + "self_attn.k_proj.bias", {kd}), "bk");
+        w.bv = upload_vector(ws.load_f32(p + "self_attn.v_proj.bias", {kd}), "bv");
+      }
+      if (c.o_bias) w.bo = upload_vector(ws.load_f32(p + "self_attn.o_proj.bias", {H}), "bo");
+      w.wg = upload_matrix(ws.load_f32(p + "mlp.gate_proj.weight", {I, H}), "w_gate");
+      w.wu = upload_matrix(ws.load_f32(p + "mlp.up_proj.weight", {I, H}), "w_up");
+      w.wd = upload_matrix(ws.load_f32(p + "mlp.down_proj.weight", {H, I}), "w_down");
+    }
+  }
+
+  // The engine's random weights (engine/model.cpp load_random): the same tensor order and seeds.
+  void load_random(uint64_t seed) {
+    uint64_t index = 0;
+    auto rand_matrix = [&](int64_t rows, int64_t cols, const char* what) {
+      const int64_t n = rows * cols;
+      void* p = mem.alloc(n * wbytes(), what);
+      const uint64_t s = tensor_seed(seed, index++);
+      if (wb)
+        gk::fill_normal_bf16(static_cast<bf16*>(p), n, 0.02f, s, st);
+      else
+        gk::fill_normal_f32(static_cast<float*>(p), n, 0.02f, s, st);
+      return p;
+    };
+    auto rand_vector = [&](int64_t n, const char* what) {
+      float* p = falloc(n, what);
+      gk::fill_normal_f32(p, n, 0.02f, tensor_seed(seed, index++), st);
+      return p;
+    };
+    auto ones = [&](int64_t n, const char* what) {
+      float* p = falloc(n, what);
+      gk::fill_f32(p, n, 1.0f, st);
+      return p;
+    };
+    const int64_t H = c.hidden_size, I = c.intermediate_size;
+    embed = rand_matrix(c.vocab_size, H, "embed");
+    final_norm = ones(H, "final norm");
+    if (!c.tie_word_embeddings) ++index;  // the LM head's stream (not needed: loss on hidden)
+    layers.resize(static_cast<size_t>(c.num_layers));
+    for (auto& w : layers) {
+      w.ln1 = ones(H, "ln1");
+      w.ln2 = ones(H, "ln2");
+      w.wq = rand_matrix(c.q_dim(), H, "wq");
+      w.wk = rand_matrix(c.kv_dim(), H, "wk");
+      w.wv = rand_matrix(c.kv_dim(), H, "wv");
+      w.wo = rand_matrix(H, c.q_dim(), "wo");
+      if (c.qkv_bias) {
+        w.bq = rand_vector(c.q_dim(), "bq");
+        w.bk = rand_vector(c.kv_dim(), "bk");
+        w.bv = rand_vector(c.kv_dim(), "bv");
+      }
+      if (c.o_bias) w.bo = rand_vector(H, "bo");
+      w.wg = rand_matrix(I, H, "w_gate");
+      w.wu = rand_matrix(I, H, "w_up");
+      w.wd = rand_matrix(H, I, "w_down");
+    }
+    DUO_CUDA_CHECK(cudaStreamSynchronize(st));
+  }
+
+  // ---- buffers ----
+
+  template <class P>
+  void take(P*& p, int64_t bytes, const char* what) {
+    p = static_cast<P*>(mem.alloc(bytes, what));
+    per_n.push_back(p);
+  }
+
+  void ensure(int64_t n) {
+    if (n <= cap) return;
+    DUO_CUDA_CHECK(cudaStreamSynchronize(st));
+    for (void* p : per_n) mem.free(p);
+    per_n.clear();
+    teacher_n = 0;
+    rope_n = -1;
+    const int64_t nc = (n + 511) / 512 * 512;
+    const int64_t L = c.num_layers, H = c.hidden_size, I = c.intermediate_size;
+    const int64_t qd = c.q_dim(), kd = c.kv_dim(), nq = c.num_heads, half = c.head_dim / 2;
+    auto f = [&](float*& p, int64_t count, const char* what) { take(p, count * 4, what); };
+    f(xs, (L + 1) * nc * H, "layer inputs");
+    take(ofull, L * nc * qd * wbytes(), "teacher attention outputs");
+    f(t_final, nc * H, "teacher final hidden");
+    f(xn1, nc * H, "xn1");
+    f(inv1, nc, "inv1");
+    f(q, nc * qd, "q");
+    f(k, nc * kd, "k");
+    f(v, nc * kd, "v");
+    f(attn, nc * qd, "attn");
+    f(lse, nc * nq, "lse");
+    f(mix, nc * qd, "mix");
+    f(x1, nc * H, "x1");
+    f(xn2, nc * H, "xn2");
+    f(inv2, nc, "inv2");
+    f(g, nc * I, "gate");
+    f(u, nc * I, "up");
+    f(act, nc * I, "act");
+    f(y, nc * H, "y");
+    f(invf, nc, "final inv");
+    f(dx, nc * H, "dx");
+    f(dxn, nc * H, "dxn");
+    f(dq, nc * qd, "dq");
+    f(dk, nc * kd, "dk");
+    f(dv, nc * kd, "dv");
+    f(dt, nc * nq, "attention D");
+    f(cosb, nc * half, "rope cos");
+    f(sinb, nc * half, "rope sin");
+    if (wb) {
+      take(conv, nc * std::max({H, qd, I}) * 2, "bf16 GEMM input");
+      take(qb, nc * qd * 2, "teacher q bf16");
+      take(kb, nc * kd * 2, "teacher k bf16");
+      take(vb, nc * kd * 2, "teacher v bf16");
+      take(store_k, nc * kd * 2, "teacher K store");
+      take(store_v, nc * kd * 2, "teacher V store");
+    }
+    take(ids, nc * 4, "token ids");
+    take(row_loss, nc * 8, "row loss");
+    take(total, 8, "loss");
+    take(partial, gk::gate_mix_partial_rows(nc) * nq * 8, "gate partials");
+    take(dgate, L * c.num_kv_heads * 8, "d gate");
+    take(gates, L * c.num_kv_heads * 4, "gates");
+    cap = nc;
+  }
+
+  void set_ids(std::span<const int32_t> tokens) {
+    const int64_t n = static_cast<int64_t>(tokens.size());
+    for (int32_t id : tokens)
+      check(id >= 0 && id < c.vocab_size, "token id ", id, " outside the vocabulary (",
+            c.vocab_size, ")");
+    DUO_CUDA_CHECK(cudaMemcpyAsync(ids, tokens.data(), static_cast<size_t>(n) * 4,
+                                   cudaMemcpyHostToDevice, st));
+    if (rope_n != n) {
+      const int64_t half = c.head_dim / 2;
+      const RopeFrequencies fr = compute_rope_frequencies(c, n);
+      std::vector<float> cs(static_cast<size_t>(n * half)), sn(cs.size());
+      for (int64_t t = 0; t < n; ++t)
+        rope_cos_sin(fr, t, cs.data() + t * half, sn.data() + t * half);
+      DUO_CUDA_CHECK(cudaMemcpyAsync(cosb, cs.data(), cs.size() * 4, cudaMemcpyHostToDevice, st));
+      DUO_CUDA_CHECK(cudaMemcpyAsync(sinb, sn.data(), sn.size() * 4, cudaMemcpyHostToDevice, st));
+      DUO_CUDA_CHECK(cudaStreamSynchronize(st));  // the host vectors die here
+      rope_n = n;
+    }
+  }
+
+  // ---- GEMMs ----
+
+  // The activation x [count] as a GEMM input: rounded to bf16 in bf16 mode.
+  const void* gemm_input(const float* x, int64_t count) {
+    if (!wb) return x;
+    gk::f32_to_bf16(x, conv, count, st);
+    return conv;
+  }
+  // y[n, M] = xin[n, K] W[M, K]^T (+ b); xin in the weight type.
+  void gemm_fwd(const void* xin, const void* W, const float* b, int64_t n, int64_t K, int64_t M,
+                float* yo) {
+    if (n == 0) return;
+    const float one = 1.0f, zero = 0.0f;
+    GATE_CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(M),
+                                   static_cast<int>(n), static_cast<int>(K), &one, W, wtype(),
+                                   static_cast<int>(K), xin, wtype(), static_cast<int>(K), &zero,
+                                   yo, CUDA_R_32F, static_cast<int>(M), CUBLAS_COMPUTE_32F,
+                                   CUBLAS_GEMM_DEFAULT));
+    if (b != nullptr) gk::add_bias(yo, b, n, M, st);
+  }
+  // dx[n, K] (+)= dyin[n, M] W[M, K]; dyin in the weight type.
+  void gemm_bwd(const void* dyin, const void* W, int64_t n, int64_t K, int64_t M, float* dxo,
+                bool accumulate) {
+    if (n == 0) return;
+    const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+    GATE_CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(K),
+                                   static_cast<int>(n), static_cast<int>(M), &one, W, wtype(),
+                                   static_cast<int>(K), dyin, wtype(), static_cast<int>(M), &beta,
+                                   dxo, CUDA_R_32F, static_cast<int>(K), CUBLAS_COMPUTE_32F,
+                                   CUBLAS_GEMM_DEFAULT));
+  }
+
+  float* x_at(int64_t l) { return xs + l * cap * c.hidden_size; }
+  void* ofull_at(int64_t l) { return static_cast<char*>(ofull) + l * cap * c.q_dim() * wbytes(); }
+
+  // Teacher's full causal attention of layer l from the roped q, k and v into O_full[l].
+  void teacher_attention(int64_t l, int64_t n) {
+    const int64_t qd = c.q_dim(), kd = c.kv_dim(), d = c.head_dim;
+    if (!wb) {
+      gk::window_attention_forward(q, k, v, n, static_cast<int>(c.num_heads),
+                                   static_cast<int>(c.num_kv_heads), static_cast<int>(d),
+                                   gk::Window{}, static_cast<float*>(ofull_at(l)), lse, st);
+      return;
+    }
+    gk::f32_to_bf16(q, qb, n * qd, st);
+    gk::f32_to_bf16(k, kb, n * kd, st);
+    gk::f32_to_bf16(v, vb, n * kd, st);
+    AttentionParams p{};
+    p.q = qb;
+    p.k_new = kb;
+    p.v_new = vb;
+    p.out = static_cast<bf16*>(ofull_at(l));
+    p.n = n;
+    p.p0 = 0;
+    p.num_heads = static_cast<int>(c.num_heads);
+    p.num_kv_heads = static_cast<int>(c.num_kv_heads);
+    p.num_retrieval = static_cast<int>(c.num_kv_heads);  // every head full: the teacher
+    p.head_dim = static_cast<int>(d);
+    p.scale = 1.0f / std::sqrt(static_cast<float>(d));
+    p.retrieval_k = store_k;
+    p.retrieval_v = store_v;
+    p.capacity = n;
+    p.slots = 0;
+    p.mode = StreamingMode::kExact;
+    p.workspace = nullptr;
+    p.workspace_bytes = 0;
+    if (d == 64 || d == 128) {
+      append_retrieval(p, store_k, store_v, st);
+      attention(p, st);
+    } else {  // the tensor-core kernel takes 64 or 128; the tiny fixtures use 16
+      append_retrieval_naive(p, store_k, store_v, st);
+      attention_naive(p, st);
+    }
+  }
+
+  // One decoder layer (identify/gate_model.cpp layer_forward): teacher when `is_teacher` (full
+  // attention into O_full[l]), else the gate mix with the device gates of layer l. x_out is
+  // skipped when null (the backward's recomputation needs everything but the down projection).
+  void layer_forward(int64_t l, const float* x_in, int64_t n, bool is_teacher, const gk::Window& w,
+                     float* x_out) {
+    const Layer& W = layers[static_cast<size_t>(l)];
+    const int64_t H = c.hidden_size, I = c.intermediate_size, qd = c.q_dim(), kd = c.kv_dim();
+    const int64_t nq = c.num_heads, nkv = c.num_kv_heads, d = c.head_dim;
+    const float eps = static_cast<float>(c.rms_norm_eps);
+    gk::rmsnorm_forward(x_in, W.ln1, eps, n, H, xn1, inv1, st);
+    const void* xin = gemm_input(xn1, n * H);
+    gemm_fwd(xin, W.wq, W.bq, n, H, qd, q);
+    gemm_fwd(xin, W.wk, W.bk, n, H, kd, k);
+    gemm_fwd(xin, W.wv, W.bv, n, H, kd, v);
+    gk::rope(q, cosb, sinb, n, nq, d, 1.0f, st);
+    gk::rope(k, cosb, sinb, n, nkv, d, 1.0f, st);
+    if (is_teacher) {
+      teacher_attention(l, n);
+      gemm_fwd(ofull_at(l), W.wo, W.bo, n, qd, H, x1);  // O_full is already the GEMM's input type
+    } else {
+      gk::window_attention_forward(q, k, v, n, static_cast<int>(nq), static_cast<int>(nkv),
+                                   static_cast<int>(d), w, attn, lse, st);
+      gk::gate_mix_forward(ofull_at(l), wb, attn, gates + l * nkv, n, nq, nkv, d, mix, st);
+      gemm_fwd(gemm_input(mix, n * qd), W.wo, W.bo, n, qd, H, x1);
+    }
+    gk::add(x1, x_in, n * H, st);
+    gk::rmsnorm_forward(x1, W.ln2, eps, n, H, xn2, inv2, st);
+    const void* x2in = gemm_input(xn2, n * H);
+    gemm_fwd(x2in, W.wg, nullptr, n, H, I, g);
+    gemm_fwd(x2in, W.wu, nullptr, n, H, I, u);
+    gk::swiglu_forward(g, u, act, n * I, st);
+    if (x_out == nullptr) return;
+    gemm_fwd(gemm_input(act, n * I), W.wd, nullptr, n, I, H, x_out);
+    gk::add(x_out, x1, n * H, st);
+  }
+
+  void upload_gates(const std::vector<double>& gv) {
+    std::vector<float> f(gv.begin(), gv.end());
+    DUO_CUDA_CHECK(cudaMemcpyAsync(gates, f.data(), f.size() * 4, cudaMemcpyHostToDevice, st));
+    DUO_CUDA_CHECK(cudaStreamSynchronize(st));
+  }
+
+  void run_teacher(std::span<const int32_t> tokens) {
+    const int64_t n = static_cast<int64_t>(tokens.size());
+    check(n > 0, "teacher pass: empty sequence");
+    ensure(n);
+    set_ids(tokens);
+    gk::embed(embed, wb, ids, n, c.hidden_size, x_at(0), st);
+    for (int64_t l = 0; l < c.num_layers; ++l)
+      layer_forward(l, x_at(l), n, true, gk::Window{}, x_at(l + 1));
+    gk::rmsnorm_forward(x_at(c.num_layers), final_norm, static_cast<float>(c.rms_norm_eps), n,
+                        c.hidden_size, t_final, invf, st);
+    DUO_CUDA_CHECK(cudaStreamSynchronize(st));
+    teacher_n = n;
+  }
+
+  // Student forward over all layers; the final normed hidden states land in y.
+  void student_forward(std::span<const int32_t> tokens, const std::vector<double>& gv,
+                       const gk::Window& w) {
+    const int64_t n = static_cast<int64_t>(tokens.size());
+    check(teacher_n == n, "student pass: the teacher ran over ", teacher_n, " tokens, not ", n);
+    check(static_cast<int64_t>(gv.size()) == c.num_layers * c.num_kv_heads,
+          "student pass: ", gv.size(), " gates for ", c.num_layers, " x ", c.num_kv_heads,
+          " KV heads");
+    set_ids(tokens);
+    upload_gates(gv);
+    gk::embed(embed, wb, ids, n, c.hidden_size, x_at(0), st);
+    for (int64_t l = 0; l < c.num_layers; ++l) layer_forward(l, x_at(l), n, false, w, x_at(l + 1));
+    gk::rmsnorm_forward(x_at(c.num_layers), final_norm, static_cast<float>(c.rms_norm_eps), n,
+                        c.hidden_size, y, invf, st);
+  }
+
+  gate::StudentResult run_student(std::span<const int32_t> tokens, const std::vector<double>& gv,
+                                  int64_t label_begin, const gate::AttnWindow& aw, bool backward) {
+    const int64_t n = static_cast<int64_t>(tokens.size()), H = c.hidden_size, L = c.num_layers;
+    const int64_t I = c.intermediate_size, qd = c.q_dim(), kd = c.kv_dim();
+    const int64_t nq = c.num_heads, nkv = c.num_kv_heads, d = c.head_dim;
+    check(label_begin >= 0 && label_begin < n, "student pass: label_begin ", label_begin,
+          " outside [0, ", n, ")");
+    const gk::Window w = to_device_window(aw);
+    student_forward(tokens, gv, w);
+    // Loss and dL/dy (into dxn).
+    gk::distill_loss(y, t_final, n, H, label_begin, row_loss, total, dxn, st);
+    double loss_sum = 0;
+    DUO_CUDA_CHECK(cudaMemcpyAsync(&loss_sum, total, 8, cudaMemcpyDeviceToHost, st));
+    DUO_CUDA_CHECK(cudaStreamSynchronize(st));
+    gate::StudentResult r;
+    r.distill = loss_sum / (static_cast<double>(n - label_begin) * static_cast<double>(H));
+    if (!backward) return r;
+    gk::rmsnorm_backward(x_at(L), final_norm, invf, dxn, n, H, dx, false, st);
+    for (int64_t l = L - 1; l >= 0; --l) {
+      const Layer& W = layers[static_cast<size_t>(l)];
+      const float* x_in = x_at(l);
+      layer_forward(l, x_in, n, false, w, nullptr);
+      // MLP: x_out = x1 + down(swiglu(gate(xn2), up(xn2))); dact into act, dg/du into g/u.
+      gemm_bwd(gemm_input(dx, n * H), W.wd, n, I, H, act, false);
+      gk::swiglu_backward(g, u, act, g, u, n * I, st);
+      gemm_bwd(gemm_input(g, n * I), W.wg, n, H, I, dxn, false);
+      gemm_bwd(gemm_input(u, n * I), W.wu, n, H, I, dxn, true);
+      gk::rmsnorm_backward(x1, W.ln2, inv2, dxn, n, H, dx, true, st);
+      // Attention: x1 = x_in + o_proj(mix); dmix into mix, then d(student attention) in place.
+      gemm_bwd(gemm_input(dx, n * H), W.wo, n, qd, H, mix, false);
+      const int64_t blocks = gk::gate_mix_backward(ofull_at(l), wb, attn, gates + l * nkv, mix, n,
+                                                   nq, nkv, d, partial, mix, st);
+      gk::gate_mix_reduce(partial, blocks, nq, nkv, dgate + l * nkv, st);
+      if (l == 0) break;  // nothing upstream of layer 0 is trainable
+      gk::window_attention_backward(q, k, v, attn, lse, mix, n, static_cast<int>(nq),
+                                    static_cast<int>(nkv), static_cast<int>(d), w, dq, dk, dv, dt,
+                                    st);
+      gk::rope(dq, cosb, sinb, n, nq, d, -1.0f, st);
+      gk::rope(dk, cosb, sinb, n, nkv, d, -1.0f, st);
+      gemm_bwd(gemm_input(dq, n * qd), W.wq, n, H, qd, dxn, false);
+      gemm_bwd(gemm_input(dk, n * kd), W.wk, n, H, kd, dxn, true);
+      gemm_bwd(gemm_input(dv, n * kd), W.wv, n, H, kd, dxn, true);
+      gk::rmsnorm_backward(x_in, W.ln1, inv1, dxn, n, H, dx, true, st);
+    }
+    r.d_gate.resize(static_cast<size_t>(L * nkv));
+    DUO_CUDA_CHECK(
+        cudaMemcpyAsync(r.d_gate.data(), dgate, r.d_gate.size() * 8, cudaMemcpyDeviceToHost, st));
+    DUO_CUDA_CHECK(cudaStreamSynchronize(st));
+    return r;
+  }
+
+  std::vector<float> download(const float* p, int64_t count) {
+    std::vector<float> h(static_cast<size_t>(count));
+    DUO_CUDA_CHECK(cudaMemcpyAsync(h.data(), p, h.size() * 4, cudaMemcpyDeviceToHost, st));
+    DUO_CUDA_CHECK(cudaStreamSynchronize(st));
+    return h;
+  }
+};
+
+CudaGateModel::CudaGateModel(const std::filesystem::path& model_dir, GateCudaOptions o)
+    : impl_(std::make_unique<Impl>()) {
+  impl_->c = ModelConfig::load(model_dir);
+  impl_->init(o);
+  impl_->load_checkpoint(model_dir);
+}
+
+CudaGateModel::CudaGateModel(const ModelConfig& config, uint64_t seed, GateCudaOptions o)
+    : impl_(std::make_unique<Impl>()) {
+  impl_->c = config;
+  impl_->init(o);
+  impl_->load_random(seed);
+}
+
+CudaGateModel::~CudaGateModel() = default;
+
+const ModelConfig& CudaGateModel::config() const {
+  return impl_->c;
+}
+std::string CudaGateModel::device() const {
+  return impl_->name;
+}
+void CudaGateModel::teacher(std::span<const int32_t> ids) {
+  impl_->run_teacher(ids);
+}
+gate::StudentResult CudaGateModel::student(std::span<const int32_t> ids,
+                                           const std::vector<double>& gates, int64_t label_begin,
+                                           const gate::AttnWindow& w, bool backward) {
+  return impl_->run_student(ids, gates, label_begin, w, backward);
+}
+int64_t CudaGateModel::peak_device_bytes() const {
+  return impl_->mem.peak();
+}
+void CudaGateModel::reset_peak() {
+  impl_->mem.reset_peak();
+}
+int64_t CudaGateModel::device_bytes_in_use() const {
+  return impl_->mem.in_use();
+}
+std::vector<float> CudaGateModel::teacher_hidden() const {
+  check(impl_->teacher_n > 0, "teacher_hidden: no teacher pass yet");
+  return impl_->download(impl_->t_final, impl_->teacher_n * impl_->c.hidden_size);
+}
+std::vector<float> CudaGateModel::student_hidden(std::span<const int32_t> ids,
+                                                 const std::vector<double>& gates,
+                                                 const gate::AttnWindow& w) {
+  impl_->student_forward(ids, gates, to_device_window(w));
+  return impl_->download(impl_->y, static_cast<int64_t>(ids.size()) * impl_->c.hidden_size);
+}
+
+// ---- test entry points for the attention kernels ----
+
+namespace {
+
+struct DevBuf {
+  float* p = nullptr;
+  explicit DevBuf(size_t count) { DUO_CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(count, 1) * 4)); }
+  DevBuf(const std::vector<float>& h) : DevBuf(h.size()) {
+    DUO_CUDA_CHECK(cudaMemcpy(p, h.data(), h.size() * 4, cudaMemcpyHostToDevice));
+  }
+  ~DevBuf() { (void)cudaFree(p); }
+  std::vector<float> get(size_t count) const {
+    std::vector<float> h(count);
+    DUO_CUDA_CHECK(cudaMemcpy(h.data(), p, count * 4, cudaMemcpyDeviceToHost));
+    return h;
+  }
+};
+
+}  // namespace
+
+void gate_window_attention_forward(const std::vector<float>& Q, const std::vector<float>& K,
+                                   const std::vector<float>& V, int64_t n, int nq, int nkv, int d,
+                                   const gate::AttnWindow& w, std::vector<float>& O,
+                                   std::vector<float>& lse) {
+  DevBuf q(Q), k(K), v(V), o(Q.size()), l(static_cast<size_t>(n * nq));
+  gk::window_attention_forward(q.p, k.p, v.p, n, nq, nkv, d, to_device_window(w), o.p, l.p, 0);
+  DUO_CUDA_CHECK(cudaDeviceSynchronize());
+  O = o.get(Q.size());
+  lse = l.get(static_cast<size_t>(n * nq));
+}
+
+void gate_window_attention_backward(const std::vector<float>& Q, const std::vector<float>& K,
+                                    const std::vector<float>& V, const std::vector<float>& O,
+                                    const std::vector<float>& lse, const std::vector<float>& dO,
+                                    int64_t n, int nq, int nkv, int d, const gate::AttnWindow& w,
+                                    std::vector<float>& dQ, std::vector<float>& dK,
+                                    std::vector<float>& dV) {
+  DevBuf q(Q), k(K), v(V), o(O), l(lse), g(dO), dq(Q.size()), dk(K.size()), dv(V.size()),
+      scratch(static_cast<size_t>(n * nq));
+  gk::window_attention_backward(q.p, k.p, v.p, o.p, l.p, g.p, n, nq, nkv, d, to_device_window(w),
+                                dq.p, dk.p, dv.p, scratch.p, 0);
+  DUO_CUDA_CHECK(cudaDeviceSynchronize());
+  dQ = dq.get(Q.size());
+  dK = dk.get(K.size());
+  dV = dv.get(V.size());
+}
+
+}  // namespace duo::cuda

@@ -1,0 +1,92 @@
+// The gate optimisation of duoattention.md section 4 on one GPU: the same teacher / student /
+// loss / gate-gradient semantics as the host GateModel<float> (identify/gate_model.h), behind the
+// trainer's GateEngine interface. Plain C++ header (no CUDA includes).
+//
+// Precision (GatePrecision::kBf16, the default):
+//   - the large matrices (embedding, q/k/v/o, gate/up/down) are bf16 on the device: Llama-3-8B
+//     then needs 15 GB instead of 30 GB, and the GEMMs run on tensor cores;
+//   - GEMMs take bf16 inputs (the fp32 activation is rounded to bf16 just before each product)
+//     and accumulate and write fp32;
+//   - everything else is fp32 on fp32 activations: the residual stream and the layer inputs kept
+//     for the backward, norms, RoPE, SwiGLU, the student's windowed attention (forward and
+//     backward, own kernels), the gate mix and all gradients; the loss and the gate gradient are
+//     reduced in fp64 in a fixed order;
+//   - the teacher's full causal attention runs on the bf16 tensor-core prefill kernel of
+//     cuda/attention.h (all heads retrieval; O(n) memory), and its output O_full is stored per
+//     layer in bf16 (it is also the o_proj GEMM's bf16 input, so at gates = 1 the student
+//     reproduces the teacher exactly and the loss is 0).
+// GatePrecision::kF32 keeps weights, GEMMs (no TF32) and the teacher's attention (the fp32
+// window kernel with the full causal window) in fp32: the tests use it to check the algorithm
+// tightly against the host model; it needs twice the memory and is much slower.
+//
+// Memory (n tokens, L layers, H hidden, I intermediate, qd = heads * head_dim, kd = KV heads *
+// head_dim; bf16 mode): weights (no LM head; the loss is on hidden states) + layer inputs
+// (L + 1) n H fp32 + teacher O_full L n qd bf16 + teacher final hidden n H fp32 + ONE layer's
+// activations, recomputed per layer in the backward (n (9 H + 3 qd + 4 kd + 3 I) fp32 plus n
+// max(H, qd, I) bf16 for the GEMM inputs). Llama-3-8B at 32K: 15 + 17.7 + 8.6 + 0.5 + about 12
+// GB. Buffers grow to the largest n seen and are reused.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "identify/gate_engine.h"
+#include "model/config.h"
+
+namespace duo::cuda {
+
+enum class GatePrecision { kBf16, kF32 };
+
+struct GateCudaOptions {
+  GatePrecision precision = GatePrecision::kBf16;
+  int device = 0;
+};
+
+class CudaGateModel final : public gate::GateEngine {
+ public:
+  // Weights from a Hugging Face checkpoint directory.
+  explicit CudaGateModel(const std::filesystem::path& model_dir, GateCudaOptions o = {});
+  // Random weights from a config alone (engine/random_fill.h, the engine's scheme: N(0, 0.02^2)
+  // for matrices and biases, norms 1), for timing.
+  CudaGateModel(const ModelConfig& config, uint64_t seed, GateCudaOptions o = {});
+  ~CudaGateModel() override;
+
+  const ModelConfig& config() const override;
+  std::string device() const override;
+  void teacher(std::span<const int32_t> ids) override;
+  gate::StudentResult student(std::span<const int32_t> ids, const std::vector<double>& gates,
+                              int64_t label_begin, const gate::AttnWindow& w,
+                              bool backward) override;
+  int64_t peak_device_bytes() const override;
+  void reset_peak() override;
+
+  // For tests: the teacher's final normed hidden states [n, H] and the student's.
+  std::vector<float> teacher_hidden() const;
+  std::vector<float> student_hidden(std::span<const int32_t> ids, const std::vector<double>& gates,
+                                    const gate::AttnWindow& w);
+  // Bytes the model holds now (weights + buffers).
+  int64_t device_bytes_in_use() const;
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+// Windowed attention on the device for tests (gate_kernels.h): fp32 host arrays in and out.
+void gate_window_attention_forward(const std::vector<float>& Q, const std::vector<float>& K,
+                                   const std::vector<float>& V, int64_t n, int nq, int nkv, int d,
+                                   const gate::AttnWindow& w, std::vector<float>& O,
+                                   std::vector<float>& lse);
+void gate_window_attention_backward(const std::vector<float>& Q, const std::vector<float>& K,
+                                    const std::vector<float>& V, const std::vector<float>& O,
+                                    const std::vector<float>& lse, const std::vector<float>& dO,
+                                    int64_t n, int nq, int nkv, int d, const gate::AttnWindow& w,
+                                    std::vector<float>& dQ, std::vector<float>& dK,
+                                    std::vector<float>& dV);
+
+}  // namespace duo::cuda

@@ -1,0 +1,346 @@
+// The CUDA gate optimisation (cuda/gate_cuda.h) against the host reference (identify/gate_model.h,
+// finite-difference checked in double in tests/test_gate_identify.cpp). Without a CUDA device
+// every test skips ("no CUDA device").
+//
+// Bounds (err = max |cuda - ref| / max |ref| unless stated):
+//   windowed attention kernels (fp32) vs the double reference, same fp32 inputs:
+//     forward O and lse <= 2e-5, backward dQ/dK/dV <= 1e-4 (fp32 sums over up to n*G terms)
+//   model, GatePrecision::kF32 (fp32 weights, exact fp32 GEMMs) vs GateModel<float>:
+//     teacher / student final hidden <= 1e-4, distill loss rel <= 1e-3, d_gate <= 1e-3
+//   model, GatePrecision::kBf16 (bf16 weights and GEMM inputs, bf16 tensor-core teacher attention)
+//   vs GateModel<float> with the checkpoint's weights: every matrix element and GEMM input is
+//   rounded to 8 significant bits (2^-9 relative), the teacher's P is rounded to bf16:
+//     teacher / student final hidden <= 5e-2, distill loss rel <= 0.1, d_gate <= 0.15
+//   (losses and gradients below 1e-9 x mean(h_teacher^2) count as zero: n = 1 sees only itself)
+//   gates of 1 give a loss of exactly 0 and d_gate exactly 0 (the student reproduces the
+//   teacher bit for bit), in both precisions
+//   d_gate vs central differences of the CUDA fp32 loss (h = 1e-3): <= 1e-2
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda/gate_cuda.h"
+#include "duo/head_pattern.h"
+#include "identify/gate_model.h"
+#include "identify/gate_ops.h"
+#include "identify/gate_trainer.h"
+
+namespace duo {
+namespace {
+
+using cuda::CudaGateModel;
+using cuda::GatePrecision;
+using gate::AttnWindow;
+using gate::WindowKind;
+
+bool have_gpu() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return count > 0;
+}
+#define REQUIRE_GPU() \
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device"
+
+std::filesystem::path fixtures() {
+  if (const char* e = std::getenv("DUO_FIXTURES")) return e;
+  return std::filesystem::path(DUO_SOURCE_DIR) / "tests/fixtures";
+}
+std::filesystem::path corpus() {
+  if (const char* e = std::getenv("DUO_CORPUS")) return e;
+  return std::filesystem::path(DUO_SOURCE_DIR) / "data/haystack";
+}
+
+template <class A, class B>
+double rel_err(const std::vector<A>& got, const std::vector<B>& ref) {
+  EXPECT_EQ(got.size(), ref.size());
+  double err = 0, scale = 0;
+  for (size_t i = 0; i < ref.size() && i < got.size(); ++i) {
+    const double g = static_cast<double>(got[i]), r = static_cast<double>(ref[i]);
+    if (!std::isfinite(g)) return INFINITY;
+    err = std::max(err, std::fabs(g - r));
+    scale = std::max(scale, std::fabs(r));
+  }
+  return scale > 0 ? err / scale : err;
+}
+
+AttnWindow window(WindowKind k, int64_t s, int64_t r, int64_t block = 128) {
+  AttnWindow w;
+  w.kind = k;
+  w.sink = s;
+  w.recent = r;
+  w.block = block;
+  return w;
+}
+
+// ---- windowed attention kernels ----
+
+struct AttnCase {
+  int64_t n;
+  int nq, nkv, d;
+  AttnWindow w;
+};
+
+TEST(GateCudaAttention, ForwardAndBackwardMatchTheDoubleReference) {
+  REQUIRE_GPU();
+  const std::vector<AttnCase> cases = {
+      {1, 4, 2, 16, window(WindowKind::kExact, 2, 3)},
+      {37, 8, 2, 64, window(WindowKind::kExact, 4, 8)},
+      {37, 2, 2, 32, window(WindowKind::kExact, 64, 256)},  // window larger than n
+      {300, 4, 1, 128, window(WindowKind::kExact, 16, 32)},
+      {300, 4, 4, 64, window(WindowKind::kFull, 0, 0)},
+      {1000, 8, 2, 128, window(WindowKind::kExact, 128, 256)},
+      {1000, 4, 2, 64, window(WindowKind::kBlock, 128, 256, 64)},
+      {700, 2, 1, 16, window(WindowKind::kExact, 0, 600)},  // recent spans several segments
+      {1000, 2, 1, 32, window(WindowKind::kExact, 1, 1)},
+  };
+  std::mt19937_64 rng(11);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (const AttnCase& c : cases) {
+    const int64_t qn = c.n * c.nq * c.d, kn = c.n * c.nkv * c.d;
+    std::vector<float> Q(qn), K(kn), V(kn), dO(qn);
+    for (auto* v : {&Q, &K, &V, &dO})
+      for (float& x : *v) x = nd(rng);
+    std::vector<double> Qd(Q.begin(), Q.end()), Kd(K.begin(), K.end()), Vd(V.begin(), V.end()),
+        dOd(dO.begin(), dO.end()), Od(qn), lsed(c.n * c.nq), dQd(qn), dKd(kn), dVd(kn);
+    gate::attention_forward_reference(Qd.data(), Kd.data(), Vd.data(), c.n, c.nq, c.nkv, c.d, c.w,
+                                      Od.data(), lsed.data());
+    gate::attention_backward_reference(Qd.data(), Kd.data(), Vd.data(), Od.data(), lsed.data(),
+                                       dOd.data(), c.n, c.nq, c.nkv, c.d, c.w, dQd.data(),
+                                       dKd.data(), dVd.data());
+    std::vector<float> O, lse, dQ, dK, dV;
+    cuda::gate_window_attention_forward(Q, K, V, c.n, c.nq, c.nkv, c.d, c.w, O, lse);
+    // The backward gets the reference O (rounded to fp32), as the model passes its own forward's.
+    std::vector<float> Of(Od.begin(), Od.end()), lsef(lsed.begin(), lsed.end());
+    cuda::gate_window_attention_backward(Q, K, V, Of, lsef, dO, c.n, c.nq, c.nkv, c.d, c.w, dQ, dK,
+                                         dV);
+    const double eo = rel_err(O, Od), el = rel_err(lse, lsed), eq = rel_err(dQ, dQd),
+                 ek = rel_err(dK, dKd), ev = rel_err(dV, dVd);
+    std::printf(
+        "[ attn ] n=%-5lld nq=%d nkv=%d d=%-3d kind=%d S=%-3lld R=%-3lld  O %.2e lse %.2e dQ %.2e "
+        "dK %.2e dV %.2e\n",
+        static_cast<long long>(c.n), c.nq, c.nkv, c.d, static_cast<int>(c.w.kind),
+        static_cast<long long>(c.w.sink), static_cast<long long>(c.w.recent), eo, el, eq, ek, ev);
+    EXPECT_LE(eo, 2e-5);
+    EXPECT_LE(el, 2e-5);
+    EXPECT_LE(eq, 1e-4);
+    EXPECT_LE(ek, 1e-4);
+    EXPECT_LE(ev, 1e-4);
+  }
+}
+
+// ---- the model against the host reference ----
+
+std::vector<int32_t> random_ids(int64_t n, int64_t vocab, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int32_t> d(0, static_cast<int32_t>(vocab - 1));
+  std::vector<int32_t> ids(static_cast<size_t>(n));
+  for (int32_t& t : ids) t = d(rng);
+  return ids;
+}
+
+std::vector<double> random_gates(int64_t count, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> d(0.0, 1.0);
+  std::vector<double> g(static_cast<size_t>(count));
+  for (double& x : g) x = d(rng);
+  return g;
+}
+
+struct Bounds {
+  double hidden, loss, dgate;
+};
+
+void compare_with_host(const std::string& name, GatePrecision prec, const Bounds& b) {
+  const auto dir = fixtures() / "models" / name;
+  const gate::GateModel<float> host(dir);
+  cuda::GateCudaOptions o;
+  o.precision = prec;
+  CudaGateModel dev(dir, o);
+  const ModelConfig& c = host.config();
+  const char* pname = prec == GatePrecision::kF32 ? "f32" : "bf16";
+  for (int64_t n : {1, 37, 300, 1000}) {
+    const std::vector<int32_t> ids = random_ids(n, c.vocab_size, 100 + n);
+    const std::vector<double> gates = random_gates(host.num_gates(), 200 + n);
+    const int64_t label_begin = n / 2;
+    const gate::TeacherPass<float> tp = host.teacher(ids);
+    dev.teacher(ids);
+    const std::vector<float> th = dev.teacher_hidden();
+    double ms = 0;
+    for (float v : tp.final_hidden) ms += static_cast<double>(v) * v;
+    ms /= static_cast<double>(tp.final_hidden.size());
+    const double floor = 1e-9 * ms;
+    for (const AttnWindow& w : {window(WindowKind::kExact, 4, 16), window(WindowKind::kExact, 2, 1),
+                                window(WindowKind::kBlock, 16, 32, 16)}) {
+      const std::vector<float> sh_host = host.student_hidden(ids, tp, gates, w);
+      const std::vector<float> sh_dev = dev.student_hidden(ids, gates, w);
+      const gate::StudentResult rh = host.student(ids, tp, gates, label_begin, w, true);
+      const gate::StudentResult rd = dev.student(ids, gates, label_begin, w, true);
+      const double e_t = rel_err(th, tp.final_hidden), e_s = rel_err(sh_dev, sh_host);
+      const double e_l = std::fabs(rd.distill - rh.distill) / std::max(rh.distill, floor);
+      double dg_err = 0, dg_scale = 0;
+      for (size_t i = 0; i < rh.d_gate.size(); ++i) {
+        dg_err = std::max(dg_err, std::fabs(rd.d_gate[i] - rh.d_gate[i]));
+        dg_scale = std::max(dg_scale, std::fabs(rh.d_gate[i]));
+      }
+      const double e_g = dg_err / std::max(dg_scale, floor);
+      std::printf(
+          "[ model %-4s ] %-16s n=%-5lld kind=%d S=%-2lld R=%-2lld teacher %.2e student %.2e loss "
+          "%.4e vs %.4e (rel %.2e) d_gate %.2e\n",
+          pname, name.c_str(), static_cast<long long>(n), static_cast<int>(w.kind),
+          static_cast<long long>(w.sink), static_cast<long long>(w.recent), e_t, e_s, rd.distill,
+          rh.distill, e_l, e_g);
+      EXPECT_LE(e_t, b.hidden) << name << " n=" << n;
+      EXPECT_LE(e_s, b.hidden) << name << " n=" << n;
+      EXPECT_LE(e_l, b.loss) << name << " n=" << n;
+      EXPECT_LE(e_g, b.dgate) << name << " n=" << n;
+    }
+    // A window covering every key is full attention: the student is the teacher.
+    const std::vector<float> wide =
+        dev.student_hidden(ids, gates, window(WindowKind::kExact, 64, 2000));
+    EXPECT_LE(rel_err(wide, th), b.hidden) << name << " n=" << n << " (window >= n)";
+  }
+}
+
+const char* const kFixtures[] = {"llama3_gqa",  "qwen2_bias_tied",  "llama_attn_bias",
+                                 "mistral_gqa", "llama_mha_linear", "llama_dynamic",
+                                 "llama_yarn"};
+
+TEST(GateCudaModel, Fp32MatchesTheHostModel) {
+  REQUIRE_GPU();
+  for (const char* name : kFixtures)
+    compare_with_host(name, GatePrecision::kF32, {1e-4, 1e-3, 1e-3});
+}
+
+TEST(GateCudaModel, Bf16MatchesTheHostModelWithinItsPrecision) {
+  REQUIRE_GPU();
+  for (const char* name : kFixtures)
+    compare_with_host(name, GatePrecision::kBf16, {5e-2, 0.1, 0.15});
+}
+
+// head_dim 64: the teacher runs on the bf16 tensor-core prefill kernel (the fixtures' 16 use the
+// naive kernel). Models from $DUO_MODELS or the source tree.
+TEST(GateCudaModel, Bf16TensorCoreTeacherOnTheDemoModel) {
+  REQUIRE_GPU();
+  const char* e = std::getenv("DUO_MODELS");
+  const std::filesystem::path models = e ? e : std::filesystem::path(DUO_SOURCE_DIR) / "models";
+  const auto dir = models / "duo-demo-gqa";
+  if (!std::filesystem::exists(dir / "config.json")) GTEST_SKIP() << "no " << dir.string();
+  const gate::GateModel<float> host(dir);
+  CudaGateModel dev(dir);
+  const int64_t n = 1000;
+  const std::vector<int32_t> ids = random_ids(n, host.config().vocab_size, 77);
+  const std::vector<double> gates = random_gates(host.num_gates(), 78);
+  const AttnWindow w = window(WindowKind::kExact, 64, 256);
+  const gate::TeacherPass<float> tp = host.teacher(ids);
+  dev.teacher(ids);
+  const gate::StudentResult rh = host.student(ids, tp, gates, n / 2, w, true);
+  const gate::StudentResult rd = dev.student(ids, gates, n / 2, w, true);
+  const double e_t = rel_err(dev.teacher_hidden(), tp.final_hidden);
+  const double e_l = std::fabs(rd.distill - rh.distill) / rh.distill;
+  const double e_g = rel_err(rd.d_gate, rh.d_gate);
+  std::printf("[ demo-gqa bf16 ] n=%lld teacher %.2e loss %.4e vs %.4e (rel %.2e) d_gate %.2e\n",
+              static_cast<long long>(n), e_t, rd.distill, rh.distill, e_l, e_g);
+  EXPECT_LE(e_t, 5e-2);
+  EXPECT_LE(e_l, 0.1);
+  EXPECT_LE(e_g, 0.15);
+}
+
+TEST(GateCudaModel, GatesOfOneGiveTheTeacherExactly) {
+  REQUIRE_GPU();
+  for (GatePrecision prec : {GatePrecision::kF32, GatePrecision::kBf16}) {
+    cuda::GateCudaOptions o;
+    o.precision = prec;
+    CudaGateModel dev(fixtures() / "models/llama3_gqa", o);
+    const std::vector<int32_t> ids = random_ids(300, dev.config().vocab_size, 5);
+    dev.teacher(ids);
+    const std::vector<double> ones(static_cast<size_t>(dev.num_gates()), 1.0);
+    const gate::StudentResult r =
+        dev.student(ids, ones, 100, window(WindowKind::kExact, 4, 16), true);
+    EXPECT_EQ(r.distill, 0.0);
+    for (double g : r.d_gate) EXPECT_EQ(g, 0.0);
+  }
+}
+
+TEST(GateCudaModel, GateGradientMatchesFiniteDifferencesOfTheCudaLoss) {
+  REQUIRE_GPU();
+  cuda::GateCudaOptions o;
+  o.precision = GatePrecision::kF32;
+  CudaGateModel dev(fixtures() / "models/llama3_gqa", o);
+  const int64_t n = 300;
+  const std::vector<int32_t> ids = random_ids(n, dev.config().vocab_size, 9);
+  const AttnWindow w = window(WindowKind::kExact, 4, 16);
+  dev.teacher(ids);
+  std::vector<double> gates = random_gates(dev.num_gates(), 3);
+  const gate::StudentResult r = dev.student(ids, gates, n / 2, w, true);
+  double err = 0, scale = 0;
+  const double h = 1e-3;
+  for (size_t i = 0; i < gates.size(); ++i) {
+    const double keep = gates[i];
+    gates[i] = keep + h;
+    const double fp = dev.student(ids, gates, n / 2, w, false).distill;
+    gates[i] = keep - h;
+    const double fm = dev.student(ids, gates, n / 2, w, false).distill;
+    gates[i] = keep;
+    const double num = (fp - fm) / (2 * h);
+    err = std::max(err, std::fabs(num - r.d_gate[i]));
+    scale = std::max(scale, std::fabs(num));
+  }
+  std::printf("[ FD cuda ] d_gate vs central differences: rel err %.3e (scale %.3e)\n", err / scale,
+              scale);
+  ASSERT_GT(scale, 1e-8);
+  EXPECT_LE(err / scale, 1e-2);
+}
+
+// ---- the trainer on the GPU ----
+
+TEST(GateCudaTrainer, TrainsAndWritesAPattern) {
+  REQUIRE_GPU();
+  const auto out = std::filesystem::temp_directory_path() / "duo_gate_cuda_train";
+  std::filesystem::remove_all(out);
+  gate::GateTrainOptions o;
+  o.model_dir = fixtures() / "models/llama3_gqa";
+  o.corpus = corpus();
+  o.out_dir = out;
+  o.steps = 6;
+  o.ctx_min = 150;
+  o.ctx_max = 300;
+  o.sink = 4;
+  o.recent = 16;
+  o.passkeys = 2;
+  o.save_every = 4;
+  o.quiet = true;
+  CudaGateModel dev(o.model_dir);
+  gate::train_gates(o, dev);
+  const HeadPattern p = load_head_pattern(out);
+  EXPECT_EQ(p.num_layers, 2);
+  EXPECT_EQ(p.num_kv_heads, 2);
+  bool moved = false;
+  for (double g : p.gates) {
+    EXPECT_TRUE(std::isfinite(g));
+    moved = moved || g != 1.0;
+  }
+  EXPECT_TRUE(moved) << "six AdamW steps left every gate at 1";
+  EXPECT_EQ(p.config["steps_done"], 6);
+  std::ifstream in(out / "train_log.json");
+  const auto log = nlohmann::json::parse(in)["steps"];
+  ASSERT_EQ(log.size(), 6u);
+  EXPECT_EQ(log[0]["distill_loss"].get<double>(), 0.0);  // gates start at 1
+  for (const auto& e : log) EXPECT_TRUE(std::isfinite(e["loss"].get<double>()));
+  std::filesystem::remove_all(out);
+}
+
+}  // namespace
+}  // namespace duo
