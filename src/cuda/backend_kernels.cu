@@ -1,6 +1,7 @@
 // Kernels of the CUDA backend (see backend_kernels.h).
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 #include "core/error.h"
 #include "cuda/backend_kernels.h"
@@ -143,7 +144,125 @@ __global__ void linear_fallback_kernel(const bf16* x, const bf16* w, const bf16*
   }
 }
 
+// One warp per output row; each lane takes 16-byte chunks c = lane, lane + 32, ... of the row, U of
+// them per iteration (independent loads in flight), then a warp reduction. Deterministic order.
+constexpr int kGemvWarps = 8;
+constexpr int kGemvUnroll = 8;
+
+__device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
+  const __nv_bfloat162* x = reinterpret_cast<const __nv_bfloat162*>(&a);
+  const __nv_bfloat162* y = reinterpret_cast<const __nv_bfloat162*>(&b);
+  float acc = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 fx = __bfloat1622float2(x[i]);
+    const float2 fy = __bfloat1622float2(y[i]);
+    acc = fmaf(fx.x, fy.x, acc);
+    acc = fmaf(fx.y, fy.y, acc);
+  }
+  return acc;
+}
+
+__global__ void __launch_bounds__(kGemvWarps * 32)
+    gemv_kernel(const bf16* x, const bf16* w, const bf16* bias, bf16* out, int64_t m, int64_t k) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / 32;
+  if (row >= m) return;
+  const uint4* wr = reinterpret_cast<const uint4*>(w + row * k);
+  const uint4* xr = reinterpret_cast<const uint4*>(x);
+  const int64_t chunks = k / 8;
+  float acc = 0.0f;
+  int64_t c = lane;
+  for (; c + 32 * (kGemvUnroll - 1) < chunks; c += 32 * kGemvUnroll) {
+    uint4 wv[kGemvUnroll], xv[kGemvUnroll];
+#pragma unroll
+    for (int u = 0; u < kGemvUnroll; ++u) {
+      wv[u] = __ldcs(wr + c + 32 * u);  // weights are read once per step: stream them
+      xv[u] = __ldg(xr + c + 32 * u);
+    }
+#pragma unroll
+    for (int u = 0; u < kGemvUnroll; ++u) acc += dot8(wv[u], xv[u]);
+  }
+  for (; c < chunks; c += 32) acc += dot8(__ldcs(wr + c), __ldg(xr + c));
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0) {
+    if (bias != nullptr) acc += __bfloat162float(bias[row]);
+    out[row] = __float2bfloat16(acc);
+  }
+}
+
+// (value, index) candidates for argmax; index kNone = no candidate yet. a beats b when b is none,
+// or a is larger, or equal with a lower index: std::max_element's choice.
+constexpr int64_t kNone = INT64_MAX;
+__device__ __forceinline__ bool beats(float av, int64_t ai, float bv, int64_t bi) {
+  if (ai == kNone) return false;
+  if (bi == kNone) return true;
+  return av > bv || (av == bv && ai < bi);
+}
+
+// One block per row: each thread scans a strided share, then warp and block reductions.
+__global__ void argmax_kernel(const bf16* x, int64_t cols, int32_t* out) {
+  const bf16* row = x + static_cast<int64_t>(blockIdx.x) * cols;
+  float best = -INFINITY;
+  int64_t bi = kNone;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    const float v = __bfloat162float(row[c]);
+    if (beats(v, c, best, bi)) {
+      best = v;
+      bi = c;
+    }
+  }
+  for (int off = 16; off > 0; off /= 2) {
+    const float ov = __shfl_xor_sync(0xffffffffu, best, off);
+    const int64_t oi = __shfl_xor_sync(0xffffffffu, bi, off);
+    if (beats(ov, oi, best, bi)) {
+      best = ov;
+      bi = oi;
+    }
+  }
+  __shared__ float sv[32];
+  __shared__ int64_t si[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) {
+    sv[warp] = best;
+    si[warp] = bi;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < static_cast<int>(blockDim.x / 32); ++w)
+      if (beats(sv[w], si[w], best, bi)) {
+        best = sv[w];
+        bi = si[w];
+      }
+    out[blockIdx.x] = static_cast<int32_t>(bi);
+  }
+}
+
 }  // namespace
+
+bool gemv_supported(const bf16* x, const bf16* w, int64_t k) {
+  return k % 8 == 0 && (reinterpret_cast<uintptr_t>(x) & 15u) == 0 &&
+         (reinterpret_cast<uintptr_t>(w) & 15u) == 0;
+}
+
+void gemv(const bf16* x, const bf16* w, const bf16* bias, bf16* out, int64_t m, int64_t k,
+          cudaStream_t stream) {
+  if (m <= 0) return;
+  check(gemv_supported(x, w, k), "gemv: k ", k, " not a multiple of 8 or operands not aligned");
+  const int64_t blocks = (m + kGemvWarps - 1) / kGemvWarps;
+  check(blocks <= 0x7fffffff, "gemv: too many rows");
+  gemv_kernel<<<static_cast<unsigned>(blocks), kGemvWarps * 32, 0, stream>>>(x, w, bias, out, m, k);
+  DUO_CUDA_CHECK(cudaGetLastError());
+}
+
+void argmax_rows(const bf16* x, int64_t rows, int64_t cols, int32_t* out, cudaStream_t stream) {
+  if (rows <= 0) return;
+  check(cols > 0 && cols <= 0x7fffffff && rows <= 0x7fffffff, "argmax: bad shape ", rows, " x ",
+        cols);
+  argmax_kernel<<<static_cast<unsigned>(rows), 1024, 0, stream>>>(x, cols, out);
+  DUO_CUDA_CHECK(cudaGetLastError());
+}
 
 void fill_normal(bf16* out, int64_t n, float stddev, uint64_t seed, cudaStream_t stream) {
   if (n <= 0) return;

@@ -431,6 +431,25 @@ void Backend::set_long_range_probe(LongRangeProbe*) {
   fail("backend ", name(), " does not collect attention statistics (use --backend cpu)");
 }
 
+std::vector<int32_t> Backend::argmax_rows(const Tensor& x, int64_t row_begin, int64_t row_end) {
+  const std::vector<float> v = download(x, row_begin, row_end);
+  std::vector<int32_t> ids;
+  for (int64_t r = 0; r < row_end - row_begin; ++r) {
+    const auto row = v.begin() + r * x.cols;
+    ids.push_back(static_cast<int32_t>(std::max_element(row, row + x.cols) - row));
+  }
+  return ids;
+}
+
+std::unique_ptr<DecodeGraph> Backend::capture_decode_step(KVCache&, const std::function<void()>&) {
+  return nullptr;
+}
+
+void Backend::fill_cache_random(KVCache&, int64_t, uint64_t) {
+  fail("backend ", name(),
+       " cannot fill a cache with random K/V (benchmark option; use --backend cuda)");
+}
+
 std::unique_ptr<Backend> make_cpu_backend(CpuMode mode) {
   return std::make_unique<CpuBackend>(mode);
 }

@@ -195,6 +195,11 @@ std::unique_ptr<KVCache> Model::make_cache(int64_t capacity, int64_t sink, int64
   return backend_->create_cache(s);
 }
 
+void Model::set_decode_graphs(bool on) {
+  decode_graphs_ = on;
+  if (!on) decode_graph_.reset();
+}
+
 void Model::reserve(int64_t rows) {
   if (rows <= reserved_) return;
   Backend& b = *backend_;
@@ -210,22 +215,23 @@ void Model::reserve(int64_t rows) {
   up_ = b.alloc(rows, c.intermediate_size);
   act_ = b.alloc(rows, c.intermediate_size);
   reserved_ = rows;
+  ++scratch_generation_;
 }
 
-std::vector<float> Model::forward(std::span<const int32_t> tokens, KVCache& cache,
-                                  int64_t logit_rows) {
+void Model::reserve_logits(int64_t rows) {
+  if (rows <= logits_reserved_) return;  // sized by the rows asked for, not by the chunk
+  logits_ = backend_->alloc(rows, config_.vocab_size);
+  logits_reserved_ = rows;
+  ++scratch_generation_;
+}
+
+void Model::run(std::span<const int32_t> tokens, int64_t p0, int64_t logit_rows,
+                const RopeFrequencies& freqs, KVCache& cache) {
   const ModelConfig& c = config_;
   Backend& b = *backend_;
   const int64_t n = static_cast<int64_t>(tokens.size());
-  check(n > 0, "forward: no tokens");
-  check(logit_rows >= 0 && logit_rows <= n, "forward: logit_rows ", logit_rows, " outside 0..", n);
-  const int64_t p0 = cache.length();
-  check(p0 + n <= cache.spec().capacity, "context length exceeded: ", p0 + n,
-        " tokens, but the context (-c) is ", cache.spec().capacity);
-  reserve(n);
   std::vector<int64_t> positions(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) positions[i] = p0 + i;
-  const RopeFrequencies& freqs = rope_.for_call(p0 + n - 1);
 
   auto rows = [&](const Tensor& t) { return b.view_rows(t, 0, n); };
   Tensor x = rows(x_), xn = rows(xn_), q = rows(q_), k = rows(k_), v = rows(v_);
@@ -253,18 +259,54 @@ std::vector<float> Model::forward(std::span<const int32_t> tokens, KVCache& cach
     b.linear(act, w.w_down, nullptr, proj);  // [n, hidden]
     b.add(x, proj);
   }
-  b.advance(cache, n);
-  if (logit_rows == 0) return {};
+  if (logit_rows == 0) return;
   Tensor last = b.view_rows(x_, n - logit_rows, n);
   Tensor last_n = b.view_rows(xn_, 0, logit_rows);
   b.rmsnorm(last, final_norm_, static_cast<float>(c.rms_norm_eps), last_n);
-  if (logit_rows > logits_reserved_) {  // sized by the rows asked for, not by the chunk
-    logits_ = b.alloc(logit_rows, c.vocab_size);
-    logits_reserved_ = logit_rows;
-  }
   Tensor logits = b.view_rows(logits_, 0, logit_rows);
   b.linear(last_n, lm_head_, nullptr, logits);  // [logit_rows, vocab]
-  return b.download(logits, 0, logit_rows);
+}
+
+void Model::forward_device(std::span<const int32_t> tokens, KVCache& cache, int64_t logit_rows) {
+  Backend& b = *backend_;
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  check(n > 0, "forward: no tokens");
+  check(logit_rows >= 0 && logit_rows <= n, "forward: logit_rows ", logit_rows, " outside 0..", n);
+  const int64_t p0 = cache.length();
+  check(p0 + n <= cache.spec().capacity, "context length exceeded: ", p0 + n,
+        " tokens, but the context (-c) is ", cache.spec().capacity);
+  reserve(n);
+  reserve_logits(logit_rows);
+  const RopeFrequencies& freqs = rope_.for_call(p0 + n - 1);
+  const bool graph_step = decode_graphs_ && n == 1 && logit_rows == 1;
+  if (graph_step && decode_graph_ && graph_generation_ == scratch_generation_ &&
+      decode_graph_->usable_for(cache, freqs)) {
+    decode_graph_->replay(tokens[0], cache, freqs);
+    b.advance(cache, 1);
+    return;
+  }
+  run(tokens, p0, logit_rows, freqs, cache);
+  b.advance(cache, n);
+  if (!graph_step) return;
+  // This uncaptured step sized every buffer a step needs: record the next steps' graph now
+  // (capture runs nothing; the token and position placeholders are replaced at replay).
+  decode_graph_.reset();
+  if (cache.length() < cache.spec().capacity) {
+    decode_graph_ = b.capture_decode_step(cache, [&] { run(tokens, p0 + 1, 1, freqs, cache); });
+    graph_generation_ = scratch_generation_;
+  }
+}
+
+std::vector<float> Model::forward(std::span<const int32_t> tokens, KVCache& cache,
+                                  int64_t logit_rows) {
+  forward_device(tokens, cache, logit_rows);
+  if (logit_rows == 0) return {};
+  return backend_->download(logits_, 0, logit_rows);
+}
+
+int32_t Model::forward_greedy(std::span<const int32_t> tokens, KVCache& cache) {
+  forward_device(tokens, cache, 1);
+  return backend_->argmax_rows(logits_, 0, 1)[0];
 }
 
 }  // namespace duo
