@@ -72,6 +72,28 @@ __global__ void rmsnorm_kernel(const bf16* x, const bf16* w, float eps, int64_t 
     o[c] = __float2bfloat16(__bfloat162float(w[c]) * (__bfloat162float(xr[c]) * inv));
 }
 
+// add_kernel then rmsnorm_kernel in one pass: each thread rounds x + y to bf16 exactly as
+// add_kernel, stores it, and sums the squares of the rounded values over the same columns as
+// rmsnorm_kernel, so the result is bitwise that of the two kernels.
+__global__ void add_rmsnorm_kernel(bf16* x, const bf16* y, const bf16* w, float eps, int64_t cols,
+                                   bf16* out) {
+  const int64_t r = blockIdx.x;
+  bf16* xr = x + r * cols;
+  const bf16* yr = y + r * cols;
+  float ss = 0.0f;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    const bf16 s = __float2bfloat16(__bfloat162float(xr[c]) + __bfloat162float(yr[c]));
+    xr[c] = s;
+    const float v = __bfloat162float(s);
+    ss += v * v;
+  }
+  ss = block_sum(ss);
+  const float inv = 1.0f / sqrtf(ss / static_cast<float>(cols) + eps);
+  bf16* o = out + r * cols;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)  // the same thread wrote xr[c]
+    o[c] = __float2bfloat16(__bfloat162float(w[c]) * (__bfloat162float(xr[c]) * inv));
+}
+
 // One block per row: cos/sin of the row's position for each frequency (angle in fp32 exactly as
 // the CPU: float(pos) * inv_freq[i]; cos/sin evaluated in double and rounded to float, as the CPU's
 // std::cos(double)), then every head of the row rotated (rotate-half pairs (i, i + d/2)).
@@ -144,54 +166,6 @@ __global__ void linear_fallback_kernel(const bf16* x, const bf16* w, const bf16*
   }
 }
 
-// One warp per output row; each lane takes 16-byte chunks c = lane, lane + 32, ... of the row, U of
-// them per iteration (independent loads in flight), then a warp reduction. Deterministic order.
-constexpr int kGemvWarps = 8;
-constexpr int kGemvUnroll = 8;
-
-__device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
-  const __nv_bfloat162* x = reinterpret_cast<const __nv_bfloat162*>(&a);
-  const __nv_bfloat162* y = reinterpret_cast<const __nv_bfloat162*>(&b);
-  float acc = 0.0f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 fx = __bfloat1622float2(x[i]);
-    const float2 fy = __bfloat1622float2(y[i]);
-    acc = fmaf(fx.x, fy.x, acc);
-    acc = fmaf(fx.y, fy.y, acc);
-  }
-  return acc;
-}
-
-__global__ void __launch_bounds__(kGemvWarps * 32)
-    gemv_kernel(const bf16* x, const bf16* w, const bf16* bias, bf16* out, int64_t m, int64_t k) {
-  const int lane = threadIdx.x % 32;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / 32;
-  if (row >= m) return;
-  const uint4* wr = reinterpret_cast<const uint4*>(w + row * k);
-  const uint4* xr = reinterpret_cast<const uint4*>(x);
-  const int64_t chunks = k / 8;
-  float acc = 0.0f;
-  int64_t c = lane;
-  for (; c + 32 * (kGemvUnroll - 1) < chunks; c += 32 * kGemvUnroll) {
-    uint4 wv[kGemvUnroll], xv[kGemvUnroll];
-#pragma unroll
-    for (int u = 0; u < kGemvUnroll; ++u) {
-      wv[u] = __ldcs(wr + c + 32 * u);  // weights are read once per step: stream them
-      xv[u] = __ldg(xr + c + 32 * u);
-    }
-#pragma unroll
-    for (int u = 0; u < kGemvUnroll; ++u) acc += dot8(wv[u], xv[u]);
-  }
-  for (; c < chunks; c += 32) acc += dot8(__ldcs(wr + c), __ldg(xr + c));
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (lane == 0) {
-    if (bias != nullptr) acc += __bfloat162float(bias[row]);
-    out[row] = __float2bfloat16(acc);
-  }
-}
-
 // (value, index) candidates for argmax; index kNone = no candidate yet. a beats b when b is none,
 // or a is larger, or equal with a lower index: std::max_element's choice.
 constexpr int64_t kNone = INT64_MAX;
@@ -241,21 +215,6 @@ __global__ void argmax_kernel(const bf16* x, int64_t cols, int32_t* out) {
 
 }  // namespace
 
-bool gemv_supported(const bf16* x, const bf16* w, int64_t k) {
-  return k % 8 == 0 && (reinterpret_cast<uintptr_t>(x) & 15u) == 0 &&
-         (reinterpret_cast<uintptr_t>(w) & 15u) == 0;
-}
-
-void gemv(const bf16* x, const bf16* w, const bf16* bias, bf16* out, int64_t m, int64_t k,
-          cudaStream_t stream) {
-  if (m <= 0) return;
-  check(gemv_supported(x, w, k), "gemv: k ", k, " not a multiple of 8 or operands not aligned");
-  const int64_t blocks = (m + kGemvWarps - 1) / kGemvWarps;
-  check(blocks <= 0x7fffffff, "gemv: too many rows");
-  gemv_kernel<<<static_cast<unsigned>(blocks), kGemvWarps * 32, 0, stream>>>(x, w, bias, out, m, k);
-  DUO_CUDA_CHECK(cudaGetLastError());
-}
-
 void argmax_rows(const bf16* x, int64_t rows, int64_t cols, int32_t* out, cudaStream_t stream) {
   if (rows <= 0) return;
   check(cols > 0 && cols <= 0x7fffffff && rows <= 0x7fffffff, "argmax: bad shape ", rows, " x ",
@@ -295,6 +254,14 @@ void rmsnorm(const bf16* x, const bf16* w, float eps, int64_t rows, int64_t cols
   if (rows <= 0) return;
   check(rows <= 0x7fffffff, "rmsnorm: too many rows");
   rmsnorm_kernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(x, w, eps, cols, out);
+  DUO_CUDA_CHECK(cudaGetLastError());
+}
+
+void add_rmsnorm(bf16* x, const bf16* y, const bf16* w, float eps, int64_t rows, int64_t cols,
+                 bf16* out, cudaStream_t stream) {
+  if (rows <= 0) return;
+  check(rows <= 0x7fffffff, "add_rmsnorm: too many rows");
+  add_rmsnorm_kernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(x, y, w, eps, cols, out);
   DUO_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -264,8 +264,6 @@ class CudaBackend final : public Backend {
     workspace_ = mem_.alloc(workspace_bytes_, "cuBLASLt workspace");
     const char* env = std::getenv("DUO_ATTENTION");
     naive_attention_ = env != nullptr && std::string_view(env) == "naive";
-    const char* gemv = std::getenv("DUO_GEMV");
-    own_gemv_ = gemv == nullptr || std::string_view(gemv) != "cublas";
   }
   ~CudaBackend() override {
     (void)cudaStreamSynchronize(stream_);
@@ -314,6 +312,11 @@ class CudaBackend final : public Backend {
     check(begin >= 0 && begin <= end && end <= t.rows, "view_rows: rows [", begin, ", ", end,
           ") outside 0..", t.rows);
     return Tensor{bp(t) + begin * t.cols, end - begin, t.cols};
+  }
+  Tensor view_cols(const Tensor& t, int64_t begin, int64_t end) override {
+    check(t.rows == 1 && begin >= 0 && begin <= end && end <= t.cols, "view_cols: columns [", begin,
+          ", ", end, ") of a ", t.rows, " x ", t.cols, " tensor (one row only)");
+    return Tensor{bp(t) + begin, 1, end - begin};
   }
   std::vector<float> download(const Tensor& t, int64_t row_begin, int64_t row_end) override {
     check(row_begin >= 0 && row_begin <= row_end && row_end <= t.rows, "download: rows [",
@@ -386,10 +389,6 @@ class CudaBackend final : public Backend {
           " elements, expected ", m);
     if (n == 0 || m == 0) return;
     const bf16* bptr = bias != nullptr ? bp(*bias) : nullptr;
-    if (n == 1 && own_gemv_ && cuda::kernels::gemv_supported(bp(x), bp(w), k)) {
-      cuda::kernels::gemv(bp(x), bp(w), bptr, bp(out), m, k, stream_);
-      return;
-    }
     GemmPlan& plan = gemm_plan(n, m, k, bp(x), bp(w), bp(out), bptr);
     if (!plan.have_algo) {
       cuda::kernels::linear_fallback(bp(x), bp(w), bptr, bp(out), n, m, k, stream_);
@@ -460,6 +459,12 @@ class CudaBackend final : public Backend {
     check(gate.numel() == up.numel() && out.numel() == gate.numel(), "swiglu: shapes do not match");
     const int64_t n = gate.numel();
     cuda::kernels::swiglu(bp(gate), bp(up), bp(out), n, stream_);
+  }
+
+  void add_rmsnorm(Tensor& x, const Tensor& y, const Tensor& w, float eps, Tensor& out) override {
+    check(x.numel() == y.numel() && w.numel() == x.cols && out.rows == x.rows && out.cols == x.cols,
+          "add_rmsnorm: shapes do not match");
+    cuda::kernels::add_rmsnorm(bp(x), bp(y), bp(w), eps, x.rows, x.cols, bp(out), stream_);
   }
 
   void add(Tensor& x, const Tensor& y) override {
@@ -663,7 +668,6 @@ class CudaBackend final : public Backend {
   void* workspace_ = nullptr;
   int64_t workspace_bytes_ = 0;
   bool naive_attention_ = false;
-  bool own_gemv_ = true;  // DUO_GEMV=cublas: single-row linear() through cuBLASLt too
   std::vector<void*> owned_;
   Scratch staging_, tokens_buf_, positions_buf_, inv_freq_buf_, attn_workspace_, argmax_buf_;
   PinnedBuffer tokens_pinned_, positions_pinned_, inv_freq_pinned_, download_pinned_,

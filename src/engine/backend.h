@@ -111,6 +111,8 @@ class Backend {
   virtual Tensor alloc(int64_t rows, int64_t cols) = 0;
   // Rows [begin, end) of t, sharing its memory.
   virtual Tensor view_rows(const Tensor& t, int64_t begin, int64_t end) = 0;
+  // Columns [begin, end) of a one-row tensor (contiguous), sharing its memory.
+  virtual Tensor view_cols(const Tensor& t, int64_t begin, int64_t end) = 0;
   virtual std::vector<float> download(const Tensor& t, int64_t row_begin, int64_t row_end) = 0;
   virtual std::unique_ptr<KVCache> create_cache(const CacheSpec& spec) = 0;
 
@@ -127,6 +129,11 @@ class Backend {
   virtual void swiglu(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
   // x += y
   virtual void add(Tensor& x, const Tensor& y) = 0;
+  // add(x, y) then rmsnorm(x, w, eps, out), fused where the backend can (bitwise the same).
+  virtual void add_rmsnorm(Tensor& x, const Tensor& y, const Tensor& w, float eps, Tensor& out) {
+    add(x, y);
+    rmsnorm(x, w, eps, out);
+  }
   // Appends k, v (n new tokens at positions cache.length() ..) to `layer` of the cache and computes
   // out[n, heads * head_dim] = attention of q (heads query heads, GQA groups of heads / kv_heads)
   // over what each head may see. The cache length advances once per forward, via advance().

@@ -148,6 +148,12 @@ class CpuBackend final : public Backend {
   Tensor view_rows(const Tensor& t, int64_t begin, int64_t end) override {
     return Tensor{fp(t) + begin * t.cols, end - begin, t.cols};
   }
+  Tensor view_cols(const Tensor& t, int64_t begin, int64_t end) override {
+    check(t.rows == 1 && begin >= 0 && begin <= end && end <= t.cols, "view_cols: columns [", begin,
+          ", ", end, ") of a ", t.rows, " x ", t.cols, " tensor (one row only)");
+    return Tensor{fp(t) + begin, 1, end - begin};
+  }
+
   std::vector<float> download(const Tensor& t, int64_t row_begin, int64_t row_end) override {
     return std::vector<float>(fp(t) + row_begin * t.cols, fp(t) + row_end * t.cols);
   }

@@ -28,9 +28,12 @@ struct HeadLayout {
   void validate(const ModelConfig& c) const;
 };
 
+// q/k/v projections are one [q_dim + 2 kv_dim, hidden] matrix (and one bias) and gate/up one
+// [2 intermediate, hidden] matrix, so that a decode step (one row) runs each as one GEMM; wq, wk,
+// wv, w_gate, w_up (and bq, bk, bv) are views of their rows (columns for the biases).
 struct LayerWeights {
-  Tensor attn_norm, wq, wk, wv, wo, bq, bk, bv, bo;  // biases have data == nullptr when absent
-  Tensor mlp_norm, w_gate, w_up, w_down;
+  Tensor attn_norm, wqkv, bqkv, wq, wk, wv, wo, bq, bk, bv, bo;  // absent biases: data == nullptr
+  Tensor mlp_norm, w_gate_up, w_gate, w_up, w_down;
 };
 
 class Model {
@@ -69,6 +72,8 @@ class Model {
  private:
   void load_checkpoint(const std::filesystem::path& model_dir);
   void load_random(uint64_t seed);
+  // Sets the views of LayerWeights (wq .. from wqkv, w_gate / w_up from w_gate_up).
+  void set_weight_views(LayerWeights& w);
   void reserve(int64_t rows);
   void reserve_logits(int64_t rows);
   // Runs n tokens through the layers at positions p0.. (rope / attention take them from the
@@ -90,6 +95,7 @@ class Model {
   int64_t reserved_ = 0;
   int64_t logits_reserved_ = 0;
   Tensor x_, xn_, q_, k_, v_, attn_, proj_, gate_, up_, act_, logits_;
+  Tensor qkv1_, gate_up1_;  // one-row outputs of the fused projections (decode steps)
   // Decode graph and the scratch generation it was captured with (reserve() bumps it when the
   // scratch tensors move).
   bool decode_graphs_ = true;
