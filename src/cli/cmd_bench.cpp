@@ -1,8 +1,11 @@
 // `duo bench`: efficiency protocol of duoattention.md section 5 (batch 1). For each context N: a
 // cache sized for N + warm-up + decode steps; prefill of N random tokens in chunks (timed, device
 // synchronised); then warm-up decode steps (not counted) and --decode-steps timed decode steps
-// (median ms/token); peak device memory; KV bytes allocated (retrieval / streaming); realised
-// sparsity. Progress on stderr; --json prints one JSON object on stdout.
+// (median ms/token; a step is token in, greedy token out: a replayed CUDA graph unless
+// --no-decode-graph, argmax on the device); peak device memory; KV bytes allocated (retrieval /
+// streaming); realised sparsity. --synthetic-prefix replaces all but the last prefill chunk by
+// random K/V written into the cache, so decode at contexts whose full prefill would take minutes
+// can be timed. Progress on stderr; --json prints one JSON object on stdout.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -40,6 +43,8 @@ struct BenchArgs {
   std::string backend = "auto";
   uint64_t seed = 0;
   bool json = false;
+  bool synthetic_prefix = false;
+  bool no_decode_graph = false;
 };
 
 std::vector<int64_t> parse_contexts(const std::string& s) {
@@ -74,10 +79,6 @@ double percentile(std::vector<double> v, double q) {
   return v[static_cast<size_t>(q * static_cast<double>(v.size() - 1) + 0.5)];
 }
 
-int32_t argmax(const std::vector<float>& x) {
-  return static_cast<int32_t>(std::max_element(x.begin(), x.end()) - x.begin());
-}
-
 void run_bench(const BenchArgs& a) {
   using clock = std::chrono::steady_clock;
   check(a.model_dir.empty() != !a.random_weights,
@@ -108,6 +109,7 @@ void run_bench(const BenchArgs& a) {
   std::unique_ptr<Model> model = a.random_weights
                                      ? std::make_unique<Model>(cfg, *backend, layout, a.seed)
                                      : std::make_unique<Model>(a.model_dir, *backend, layout);
+  model->set_decode_graphs(!a.no_decode_graph);
   backend->synchronize();
   const double load_s = std::chrono::duration<double>(clock::now() - tl0).count();
   const int64_t weights_bytes = backend->device_memory_in_use();
@@ -123,11 +125,9 @@ void run_bench(const BenchArgs& a) {
     auto cache = model->make_cache(n + 2, sink, recent, duo.prefill);
     std::vector<int32_t> t(static_cast<size_t>(n));
     for (auto& x : t) x = tok(rng);
-    auto logits = model->forward(t, *cache, 1);
-    for (int i = 0; i < 2; ++i) {
-      const int32_t next = argmax(logits);
-      logits = model->forward(std::span<const int32_t>(&next, 1), *cache, 1);
-    }
+    int32_t next = model->forward_greedy(t, *cache);
+    for (int i = 0; i < 2; ++i)
+      next = model->forward_greedy(std::span<const int32_t>(&next, 1), *cache);
     backend->synchronize();
   }
 
@@ -142,15 +142,27 @@ void run_bench(const BenchArgs& a) {
       std::vector<int32_t> prompt(static_cast<size_t>(N));
       for (auto& x : prompt) x = tok(rng);
       backend->synchronize();
+      // --synthetic-prefix: every token before the last chunk is random K/V written straight into
+      // the cache (no prefill); the last chunk is prefilled for real and timed.
+      const int64_t last_chunk = (N - 1) % a.chunk + 1;
+      const int64_t prefix = a.synthetic_prefix ? N - last_chunk : 0;
+      if (prefix > 0) {
+        backend->fill_cache_random(*cache, prefix, a.seed + 7);
+        std::fprintf(stderr, "  N=%lld: %lld tokens of random K/V (synthetic prefix)\n",
+                     static_cast<long long>(N), static_cast<long long>(prefix));
+      }
       std::fprintf(stderr, "  N=%lld: prefilling in chunks of %lld ...\n",
                    static_cast<long long>(N), static_cast<long long>(a.chunk));
       const auto t0 = clock::now();
-      std::vector<float> logits;
-      for (int64_t p = 0; p < N; p += a.chunk) {
+      int32_t next = -1;
+      for (int64_t p = prefix; p < N; p += a.chunk) {
         const int64_t len = std::min(a.chunk, N - p);
-        logits =
-            model->forward(std::span<const int32_t>(prompt.data() + p, static_cast<size_t>(len)),
-                           *cache, p + len == N ? 1 : 0);
+        const std::span<const int32_t> part(prompt.data() + p, static_cast<size_t>(len));
+        if (p + len == N) {
+          next = model->forward_greedy(part, *cache);
+        } else {
+          model->forward(part, *cache, 0);
+        }
         backend->synchronize();
         std::fprintf(stderr, "\r  N=%lld prefill %lld/%lld (%.1f s)", static_cast<long long>(N),
                      static_cast<long long>(p + len), static_cast<long long>(N),
@@ -158,19 +170,19 @@ void run_bench(const BenchArgs& a) {
       }
       const double prefill_s = std::chrono::duration<double>(clock::now() - t0).count();
       std::fprintf(stderr, "\n");
+      // Each step: one token in, the greedy next token out (argmax on the device; only the id is
+      // downloaded, which also synchronises).
       std::vector<double> ms;
       for (int64_t i = 0; i < a.warmup_steps + a.decode_steps; ++i) {
-        const int32_t next = argmax(logits);
         const auto s0 = clock::now();
-        logits = model->forward(std::span<const int32_t>(&next, 1), *cache,
-                                1);  // downloads: synchronous
-        backend->synchronize();
+        next = model->forward_greedy(std::span<const int32_t>(&next, 1), *cache);
         const double dt = std::chrono::duration<double, std::milli>(clock::now() - s0).count();
         if (i >= a.warmup_steps) ms.push_back(dt);
       }
       const int64_t full_kv = cfg.kv_bytes_per_token(2) * capacity;
+      r["synthetic_prefix_tokens"] = prefix;
       r["prefill_seconds"] = prefill_s;
-      r["prefill_tokens_per_second"] = static_cast<double>(N) / prefill_s;
+      r["prefill_tokens_per_second"] = static_cast<double>(N - prefix) / prefill_s;
       r["decode_ms_per_token_median"] = median(ms);
       r["decode_ms_per_token_p10"] = percentile(ms, 0.1);
       r["decode_ms_per_token_p90"] = percentile(ms, 0.9);
@@ -181,14 +193,14 @@ void run_bench(const BenchArgs& a) {
       r["kv_bytes_full_attention_bf16"] = full_kv;
       r["peak_device_bytes"] = backend->device_memory_peak();
       r["device_used_bytes_driver"] = driver_used_bytes(resolved);
-      std::fprintf(stderr,
-                   "  N=%lld: prefill %.3f s (%.0f tok/s), decode %.2f ms/token (median of %lld), "
-                   "KV %s (retrieval %s, streaming %s; full attention %s), peak %s\n",
-                   static_cast<long long>(N), prefill_s, static_cast<double>(N) / prefill_s,
-                   median(ms), static_cast<long long>(a.decode_steps),
-                   human_bytes(kv.total()).c_str(), human_bytes(kv.retrieval).c_str(),
-                   human_bytes(kv.streaming).c_str(), human_bytes(full_kv).c_str(),
-                   human_bytes(backend->device_memory_peak()).c_str());
+      std::fprintf(
+          stderr,
+          "  N=%lld: prefill %.3f s (%.0f tok/s), decode %.2f ms/token (median of %lld), "
+          "KV %s (retrieval %s, streaming %s; full attention %s), peak %s\n",
+          static_cast<long long>(N), prefill_s, static_cast<double>(N - prefix) / prefill_s,
+          median(ms), static_cast<long long>(a.decode_steps), human_bytes(kv.total()).c_str(),
+          human_bytes(kv.retrieval).c_str(), human_bytes(kv.streaming).c_str(),
+          human_bytes(full_kv).c_str(), human_bytes(backend->device_memory_peak()).c_str());
     } catch (const Error& e) {
       // Out of memory at one context (as the paper's OOM points) is a result, not a failure.
       r["error"] = e.what();
@@ -218,6 +230,8 @@ void run_bench(const BenchArgs& a) {
         {"recent", recent},
         {"chunk", a.chunk},
         {"decode_steps", a.decode_steps},
+        {"decode_graph", !a.no_decode_graph},
+        {"synthetic_prefix", a.synthetic_prefix},
         {"warmup_steps", a.warmup_steps},
         {"weights_device_bytes", weights_bytes},
         {"load_seconds", load_s},
@@ -247,6 +261,11 @@ void add_bench_command(CLI::App& app) {
   add_backend_option(sub, a->backend);
   sub->add_option("--seed", a->seed, "Seed of the random weights and tokens (default 0)");
   sub->add_flag("--json", a->json, "Print one JSON object with every number");
+  sub->add_flag("--synthetic-prefix", a->synthetic_prefix,
+                "Fill the cache with random K/V up to the last prefill chunk instead of "
+                "prefilling it (decode and last-chunk timing at long contexts; CUDA only)");
+  sub->add_flag("--no-decode-graph", a->no_decode_graph,
+                "Run decode steps op by op instead of replaying a captured CUDA graph");
   sub->callback([a] { run_bench(*a); });
 }
 

@@ -39,7 +39,14 @@ __device__ bool key_visible(const AttentionParams& p, bool retrieval, int64_t t,
   return chunk_mode_visible(t, j, p.p0, p.sink, p.recent);
 }
 
+// p0 from device memory when p.p0_device is set (graph replay): the kernels take p by value and
+// overwrite their copy's p0 first.
+__device__ void load_p0(AttentionParams& p) {
+  if (p.p0_device != nullptr) p.p0 = *p.p0_device;
+}
+
 __global__ void attention_naive_kernel(AttentionParams p) {
+  load_p0(p);
   const int64_t i = blockIdx.x;  // query row
   const int h = blockIdx.y;      // query head
   const int group = p.num_heads / p.num_kv_heads;
@@ -127,6 +134,7 @@ __global__ void attention_naive_kernel(AttentionParams p) {
 }
 
 __global__ void append_retrieval_kernel(AttentionParams p, __nv_bfloat16* rk, __nv_bfloat16* rv) {
+  load_p0(p);
   const int64_t i = blockIdx.x;
   const int g = blockIdx.y;  // < num_retrieval
   const int d = p.head_dim;
@@ -139,6 +147,7 @@ __global__ void append_retrieval_kernel(AttentionParams p, __nv_bfloat16* rk, __
 }
 
 __global__ void append_streaming_kernel(AttentionParams p, __nv_bfloat16* sk, __nv_bfloat16* sv) {
+  load_p0(p);
   const int64_t i = blockIdx.x;
   const int gs = blockIdx.y;  // streaming head index
   const int g = p.num_retrieval + gs;
@@ -165,8 +174,8 @@ void check_params(const AttentionParams& p) {
         " query heads are not a multiple of ", p.num_kv_heads, " KV heads");
   check(p.num_retrieval >= 0 && p.num_retrieval <= p.num_kv_heads,
         "attention_naive: num_retrieval ", p.num_retrieval, " outside 0..", p.num_kv_heads);
-  check(p.p0 + p.n <= p.capacity, "attention_naive: positions up to ", p.p0 + p.n,
-        " exceed the capacity ", p.capacity);
+  check(p.p0_device != nullptr || p.p0 + p.n <= p.capacity, "attention_naive: positions up to ",
+        p.p0 + p.n, " exceed the capacity ", p.capacity);
   check(p.n <= 0x7fffffff && p.num_heads <= 65535, "attention_naive: grid too large");
 }
 

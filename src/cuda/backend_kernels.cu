@@ -1,6 +1,7 @@
 // Kernels of the CUDA backend (see backend_kernels.h).
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 #include "core/error.h"
 #include "cuda/backend_kernels.h"
@@ -68,6 +69,28 @@ __global__ void rmsnorm_kernel(const bf16* x, const bf16* w, float eps, int64_t 
   const float inv = 1.0f / sqrtf(ss / static_cast<float>(cols) + eps);
   bf16* o = out + r * cols;
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
+    o[c] = __float2bfloat16(__bfloat162float(w[c]) * (__bfloat162float(xr[c]) * inv));
+}
+
+// add_kernel then rmsnorm_kernel in one pass: each thread rounds x + y to bf16 exactly as
+// add_kernel, stores it, and sums the squares of the rounded values over the same columns as
+// rmsnorm_kernel, so the result is bitwise that of the two kernels.
+__global__ void add_rmsnorm_kernel(bf16* x, const bf16* y, const bf16* w, float eps, int64_t cols,
+                                   bf16* out) {
+  const int64_t r = blockIdx.x;
+  bf16* xr = x + r * cols;
+  const bf16* yr = y + r * cols;
+  float ss = 0.0f;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    const bf16 s = __float2bfloat16(__bfloat162float(xr[c]) + __bfloat162float(yr[c]));
+    xr[c] = s;
+    const float v = __bfloat162float(s);
+    ss += v * v;
+  }
+  ss = block_sum(ss);
+  const float inv = 1.0f / sqrtf(ss / static_cast<float>(cols) + eps);
+  bf16* o = out + r * cols;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)  // the same thread wrote xr[c]
     o[c] = __float2bfloat16(__bfloat162float(w[c]) * (__bfloat162float(xr[c]) * inv));
 }
 
@@ -143,7 +166,62 @@ __global__ void linear_fallback_kernel(const bf16* x, const bf16* w, const bf16*
   }
 }
 
+// (value, index) candidates for argmax; index kNone = no candidate yet. a beats b when b is none,
+// or a is larger, or equal with a lower index: std::max_element's choice.
+constexpr int64_t kNone = INT64_MAX;
+__device__ __forceinline__ bool beats(float av, int64_t ai, float bv, int64_t bi) {
+  if (ai == kNone) return false;
+  if (bi == kNone) return true;
+  return av > bv || (av == bv && ai < bi);
+}
+
+// One block per row: each thread scans a strided share, then warp and block reductions.
+__global__ void argmax_kernel(const bf16* x, int64_t cols, int32_t* out) {
+  const bf16* row = x + static_cast<int64_t>(blockIdx.x) * cols;
+  float best = -INFINITY;
+  int64_t bi = kNone;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    const float v = __bfloat162float(row[c]);
+    if (beats(v, c, best, bi)) {
+      best = v;
+      bi = c;
+    }
+  }
+  for (int off = 16; off > 0; off /= 2) {
+    const float ov = __shfl_xor_sync(0xffffffffu, best, off);
+    const int64_t oi = __shfl_xor_sync(0xffffffffu, bi, off);
+    if (beats(ov, oi, best, bi)) {
+      best = ov;
+      bi = oi;
+    }
+  }
+  __shared__ float sv[32];
+  __shared__ int64_t si[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) {
+    sv[warp] = best;
+    si[warp] = bi;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < static_cast<int>(blockDim.x / 32); ++w)
+      if (beats(sv[w], si[w], best, bi)) {
+        best = sv[w];
+        bi = si[w];
+      }
+    out[blockIdx.x] = static_cast<int32_t>(bi);
+  }
+}
+
 }  // namespace
+
+void argmax_rows(const bf16* x, int64_t rows, int64_t cols, int32_t* out, cudaStream_t stream) {
+  if (rows <= 0) return;
+  check(cols > 0 && cols <= 0x7fffffff && rows <= 0x7fffffff, "argmax: bad shape ", rows, " x ",
+        cols);
+  argmax_kernel<<<static_cast<unsigned>(rows), 1024, 0, stream>>>(x, cols, out);
+  DUO_CUDA_CHECK(cudaGetLastError());
+}
 
 void fill_normal(bf16* out, int64_t n, float stddev, uint64_t seed, cudaStream_t stream) {
   if (n <= 0) return;
@@ -176,6 +254,14 @@ void rmsnorm(const bf16* x, const bf16* w, float eps, int64_t rows, int64_t cols
   if (rows <= 0) return;
   check(rows <= 0x7fffffff, "rmsnorm: too many rows");
   rmsnorm_kernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(x, w, eps, cols, out);
+  DUO_CUDA_CHECK(cudaGetLastError());
+}
+
+void add_rmsnorm(bf16* x, const bf16* y, const bf16* w, float eps, int64_t rows, int64_t cols,
+                 bf16* out, cudaStream_t stream) {
+  if (rows <= 0) return;
+  check(rows <= 0x7fffffff, "add_rmsnorm: too many rows");
+  add_rmsnorm_kernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(x, y, w, eps, cols, out);
   DUO_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -26,8 +26,13 @@ void rmsnorm(const bf16* x, const bf16* w, float eps, int64_t rows, int64_t cols
 // Rotates `heads` heads of each row at positions[r] (device), inv_freq[head_dim/2] (device).
 void rope(bf16* x, int64_t rows, int64_t cols, int heads, int head_dim, const int64_t* positions,
           const float* inv_freq, float attention_scaling, cudaStream_t stream);
+// x = bf16(x + y), then out = rmsnorm(x) * w: add() then rmsnorm() in one pass, bitwise equal.
+void add_rmsnorm(bf16* x, const bf16* y, const bf16* w, float eps, int64_t rows, int64_t cols,
+                 bf16* out, cudaStream_t stream);
 void swiglu(const bf16* gate, const bf16* up, bf16* out, int64_t n, cudaStream_t stream);
 void add(bf16* x, const bf16* y, int64_t n, cudaStream_t stream);
+// out[r] = index of the largest element of row r of x[rows, cols] (lowest index among equals).
+void argmax_rows(const bf16* x, int64_t rows, int64_t cols, int32_t* out, cudaStream_t stream);
 // Plain tiled GEMM (fallback when cuBLASLt offers no algorithm): out[n, m] = x[n, k] w[m, k]^T + b
 void linear_fallback(const bf16* x, const bf16* w, const bf16* bias, bf16* out, int64_t n,
                      int64_t m, int64_t k, cudaStream_t stream);

@@ -8,9 +8,12 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <string_view>
 #include <tuple>
@@ -21,6 +24,7 @@
 #include "cuda/attention_naive.h"
 #include "cuda/backend_kernels.h"
 #include "cuda/cuda_check.h"
+#include "engine/random_fill.h"
 
 namespace duo {
 
@@ -90,7 +94,8 @@ struct CudaLayerCache {
 
 class CudaKVCache final : public KVCache {
  public:
-  CudaKVCache(const CacheSpec& spec, DeviceMemory& mem) : spec_(spec), mem_(&mem) {
+  CudaKVCache(const CacheSpec& spec, DeviceMemory& mem)
+      : spec_(spec), mem_(&mem), serial_(next_serial()) {
     validate_cache_spec(spec);
     layers_.resize(static_cast<size_t>(spec.num_layers));
     try {
@@ -123,6 +128,13 @@ class CudaKVCache final : public KVCache {
   void clear() override { length_ = 0; }
 
   CudaLayerCache& layer(int64_t l) { return layers_[l]; }
+  // Distinct for every cache ever created by any backend (a decode graph is bound to one cache;
+  // a new cache at a recycled address must not match).
+  uint64_t serial() const { return serial_; }
+  void set_length(int64_t n) {
+    check(n >= 0 && n <= spec_.capacity, "kv cache: length ", n, " outside 0..", spec_.capacity);
+    length_ = n;
+  }
   int64_t slots() const { return std::min(spec_.capacity, spec_.sink + spec_.recent); }
   void advance(int64_t n) {
     check(length_ + n <= spec_.capacity, "kv cache: ", length_ + n,
@@ -140,8 +152,13 @@ class CudaKVCache final : public KVCache {
       c.rk = c.rv = c.sk = c.sv = nullptr;
     }
   }
+  static uint64_t next_serial() {
+    static std::atomic<uint64_t> counter{0};
+    return ++counter;
+  }
   CacheSpec spec_;
   DeviceMemory* mem_;
+  uint64_t serial_;
   std::vector<CudaLayerCache> layers_;
   int64_t length_ = 0;
   CacheBytes bytes_;
@@ -163,6 +180,64 @@ struct GemmPlan {
   cublasLtMatmulAlgo_t algo{};
   bool have_algo = false;
 };
+
+// ---------------------------------------------------------------------------------------------
+// Pinned host staging
+
+// A growable pinned host buffer for asynchronous copies. acquire() first waits for the copy that
+// last used it (an event), so the host never rewrites bytes that a queued copy still reads.
+class PinnedBuffer {
+ public:
+  PinnedBuffer() = default;
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+  ~PinnedBuffer() {
+    if (ptr_ != nullptr) (void)cudaFreeHost(ptr_);
+    if (event_ != nullptr) (void)cudaEventDestroy(event_);
+  }
+  void* acquire(int64_t bytes) {
+    if (event_ == nullptr)
+      DUO_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
+    DUO_CUDA_CHECK(cudaEventSynchronize(event_));  // returns at once if never recorded
+    if (bytes > bytes_) {
+      if (ptr_ != nullptr) DUO_CUDA_CHECK(cudaFreeHost(ptr_));
+      ptr_ = nullptr;
+      bytes_ = 0;
+      DUO_CUDA_CHECK(cudaMallocHost(&ptr_, static_cast<size_t>(std::max<int64_t>(bytes, 64))));
+      bytes_ = std::max<int64_t>(bytes, 64);
+    }
+    return ptr_;
+  }
+  // Marks the buffer as read/written by the work queued so far on `stream`.
+  void used_by(cudaStream_t stream) { DUO_CUDA_CHECK(cudaEventRecord(event_, stream)); }
+
+ private:
+  void* ptr_ = nullptr;
+  int64_t bytes_ = 0;
+  cudaEvent_t event_ = nullptr;
+};
+
+// What a replayed decode step reads from device memory (uploaded by DecodeGraph::replay from a
+// pinned mirror in one copy): the token, its position (RoPE, cache appends, attention p0) and the
+// RoPE inverse frequencies (dynamic NTK may change them between steps).
+constexpr int kMaxRopeFreqs = 256;  // head_dim <= 512
+struct DecodeInputs {
+  int64_t position;
+  int32_t token;
+  int32_t pad;
+  float inv_freq[kMaxRopeFreqs];
+};
+
+// Set while a decode step is recorded: what the step's ops read and what they assumed.
+struct DecodeCapture {
+  const KVCache* cache = nullptr;
+  DecodeInputs* device = nullptr;
+  int64_t vocab = -1;       // rows of the embedding table (token range check at replay)
+  int64_t rope_freqs = -1;  // frequency count of the rope() calls (-1: none)
+  float attention_scaling = 1.0f;
+};
+
+class CudaDecodeGraph;
 
 // ---------------------------------------------------------------------------------------------
 
@@ -238,14 +313,19 @@ class CudaBackend final : public Backend {
           ") outside 0..", t.rows);
     return Tensor{bp(t) + begin * t.cols, end - begin, t.cols};
   }
+  Tensor view_cols(const Tensor& t, int64_t begin, int64_t end) override {
+    check(t.rows == 1 && begin >= 0 && begin <= end && end <= t.cols, "view_cols: columns [", begin,
+          ", ", end, ") of a ", t.rows, " x ", t.cols, " tensor (one row only)");
+    return Tensor{bp(t) + begin, 1, end - begin};
+  }
   std::vector<float> download(const Tensor& t, int64_t row_begin, int64_t row_end) override {
     check(row_begin >= 0 && row_begin <= row_end && row_end <= t.rows, "download: rows [",
           row_begin, ", ", row_end, ") outside 0..", t.rows);
     const int64_t n = (row_end - row_begin) * t.cols;
-    std::vector<uint16_t> tmp(static_cast<size_t>(n));
+    auto* tmp = static_cast<uint16_t*>(download_pinned_.acquire(n * 2));
     if (n > 0)
-      DUO_CUDA_CHECK(cudaMemcpyAsync(tmp.data(), bp(t) + row_begin * t.cols,
-                                     static_cast<size_t>(n) * 2, cudaMemcpyDeviceToHost, stream_));
+      DUO_CUDA_CHECK(cudaMemcpyAsync(tmp, bp(t) + row_begin * t.cols, static_cast<size_t>(n) * 2,
+                                     cudaMemcpyDeviceToHost, stream_));
     DUO_CUDA_CHECK(cudaStreamSynchronize(stream_));
     std::vector<float> out(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) {
@@ -253,6 +333,20 @@ class CudaBackend final : public Backend {
       std::memcpy(&out[i], &bits, 4);
     }
     return out;
+  }
+  std::vector<int32_t> argmax_rows(const Tensor& x, int64_t row_begin, int64_t row_end) override {
+    check(row_begin >= 0 && row_begin <= row_end && row_end <= x.rows && x.cols > 0,
+          "argmax_rows: rows [", row_begin, ", ", row_end, ") outside 0..", x.rows,
+          " or no columns");
+    const int64_t n = row_end - row_begin;
+    if (n == 0) return {};
+    auto* d = static_cast<int32_t*>(scratch(argmax_buf_, n * 4, "argmax ids"));
+    cuda::kernels::argmax_rows(bp(x) + row_begin * x.cols, n, x.cols, d, stream_);
+    auto* h = static_cast<int32_t*>(argmax_pinned_.acquire(n * 4));
+    DUO_CUDA_CHECK(
+        cudaMemcpyAsync(h, d, static_cast<size_t>(n) * 4, cudaMemcpyDeviceToHost, stream_));
+    DUO_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    return std::vector<int32_t>(h, h + n);
   }
   std::unique_ptr<KVCache> create_cache(const CacheSpec& spec) override {
     return std::make_unique<CudaKVCache>(spec, mem_);
@@ -266,9 +360,18 @@ class CudaBackend final : public Backend {
       check(tokens[i] >= 0 && tokens[i] < table.rows, "token id ", tokens[i],
             " is outside the vocabulary of ", table.rows);
     if (n == 0) return;
+    if (capture_ != nullptr) {  // the token comes from DecodeInputs at replay
+      check(n == 1, "decode graph capture: embed of ", n, " tokens (one per step)");
+      capture_->vocab = table.rows;
+      cuda::kernels::embed(bp(table), table.cols, &capture_->device->token, 1, bp(out), stream_);
+      return;
+    }
     int32_t* d_tokens = static_cast<int32_t*>(scratch(tokens_buf_, n * 4, "token ids"));
-    DUO_CUDA_CHECK(cudaMemcpyAsync(d_tokens, tokens.data(), static_cast<size_t>(n) * 4,
-                                   cudaMemcpyHostToDevice, stream_));
+    auto* h = static_cast<int32_t*>(tokens_pinned_.acquire(n * 4));
+    std::memcpy(h, tokens.data(), static_cast<size_t>(n) * 4);
+    DUO_CUDA_CHECK(
+        cudaMemcpyAsync(d_tokens, h, static_cast<size_t>(n) * 4, cudaMemcpyHostToDevice, stream_));
+    tokens_pinned_.used_by(stream_);
     cuda::kernels::embed(bp(table), table.cols, d_tokens, n, bp(out), stream_);
   }
 
@@ -309,11 +412,30 @@ class CudaBackend final : public Backend {
     check(static_cast<int64_t>(f.inv_freq.size()) == head_dim / 2, "rope: ", f.inv_freq.size(),
           " frequencies for head_dim ", head_dim);
     if (x.rows == 0) return;
+    if (capture_ != nullptr) {  // position and frequencies come from DecodeInputs at replay
+      check(x.rows == 1, "decode graph capture: rope of ", x.rows, " rows (one per step)");
+      check(static_cast<int64_t>(f.inv_freq.size()) <= kMaxRopeFreqs,
+            "decode graph capture: ", f.inv_freq.size(), " RoPE frequencies, at most ",
+            kMaxRopeFreqs);
+      check(capture_->rope_freqs < 0 ||
+                (capture_->rope_freqs == static_cast<int64_t>(f.inv_freq.size()) &&
+                 capture_->attention_scaling == f.attention_scaling),
+            "decode graph capture: rope() calls of one step disagree on the frequencies");
+      capture_->rope_freqs = static_cast<int64_t>(f.inv_freq.size());
+      capture_->attention_scaling = f.attention_scaling;
+      cuda::kernels::rope(bp(x), 1, x.cols, static_cast<int>(heads), static_cast<int>(head_dim),
+                          &capture_->device->position, capture_->device->inv_freq,
+                          f.attention_scaling, stream_);
+      return;
+    }
     if (f.inv_freq != inv_freq_host_) {
-      float* d = static_cast<float*>(
-          scratch(inv_freq_buf_, static_cast<int64_t>(f.inv_freq.size()) * 4, "rope frequencies"));
-      DUO_CUDA_CHECK(cudaMemcpyAsync(d, f.inv_freq.data(), f.inv_freq.size() * 4,
-                                     cudaMemcpyHostToDevice, stream_));
+      const int64_t bytes = static_cast<int64_t>(f.inv_freq.size()) * 4;
+      float* d = static_cast<float*>(scratch(inv_freq_buf_, bytes, "rope frequencies"));
+      void* h = inv_freq_pinned_.acquire(bytes);
+      std::memcpy(h, f.inv_freq.data(), static_cast<size_t>(bytes));
+      DUO_CUDA_CHECK(
+          cudaMemcpyAsync(d, h, static_cast<size_t>(bytes), cudaMemcpyHostToDevice, stream_));
+      inv_freq_pinned_.used_by(stream_);
       inv_freq_host_ = f.inv_freq;
     }
     // Positions: re-upload only when they differ from the last call's (q and k share them).
@@ -322,8 +444,11 @@ class CudaBackend final : public Backend {
         !std::equal(positions_host_.begin(), positions_host_.end(), positions.begin())) {
       int64_t* d = static_cast<int64_t*>(scratch(positions_buf_, n * 8, "rope positions"));
       positions_host_.assign(positions.begin(), positions.begin() + n);
-      DUO_CUDA_CHECK(cudaMemcpyAsync(d, positions_host_.data(), static_cast<size_t>(n) * 8,
-                                     cudaMemcpyHostToDevice, stream_));
+      void* h = positions_pinned_.acquire(n * 8);
+      std::memcpy(h, positions_host_.data(), static_cast<size_t>(n) * 8);
+      DUO_CUDA_CHECK(
+          cudaMemcpyAsync(d, h, static_cast<size_t>(n) * 8, cudaMemcpyHostToDevice, stream_));
+      positions_pinned_.used_by(stream_);
     }
     cuda::kernels::rope(bp(x), n, x.cols, static_cast<int>(heads), static_cast<int>(head_dim),
                         static_cast<const int64_t*>(positions_buf_.ptr),
@@ -334,6 +459,12 @@ class CudaBackend final : public Backend {
     check(gate.numel() == up.numel() && out.numel() == gate.numel(), "swiglu: shapes do not match");
     const int64_t n = gate.numel();
     cuda::kernels::swiglu(bp(gate), bp(up), bp(out), n, stream_);
+  }
+
+  void add_rmsnorm(Tensor& x, const Tensor& y, const Tensor& w, float eps, Tensor& out) override {
+    check(x.numel() == y.numel() && w.numel() == x.cols && out.rows == x.rows && out.cols == x.cols,
+          "add_rmsnorm: shapes do not match");
+    cuda::kernels::add_rmsnorm(bp(x), bp(y), bp(w), eps, x.rows, x.cols, bp(out), stream_);
   }
 
   void add(Tensor& x, const Tensor& y) override {
@@ -350,9 +481,15 @@ class CudaBackend final : public Backend {
           s.num_layers - 1);
     CudaLayerCache& lc = cache.layer(layer);
     const int64_t n = q.rows, d = s.head_dim, hkv = s.num_kv_heads;
-    const int64_t p0 = cache.length();
-    check(p0 + n <= s.capacity, "context length exceeded: ", p0 + n,
+    check(capture_ == nullptr || capture_->cache == &cache_base,
+          "decode graph capture: attention on a cache other than the one being captured for");
+    // While capturing a decode step, p0 is read from DecodeInputs::position at replay (which checks
+    // the capacity), so the host value is a placeholder.
+    const int64_t p0 = capture_ != nullptr ? 0 : cache.length();
+    check(capture_ != nullptr || p0 + n <= s.capacity, "context length exceeded: ", p0 + n,
           " tokens, but the cache holds ", s.capacity, " (raise -c)");
+    check(capture_ == nullptr || n == 1, "decode graph capture: attention over ", n,
+          " tokens (one per step)");
     check(num_heads % hkv == 0, "attention: ", num_heads, " query heads are not a multiple of ",
           hkv, " KV heads");
     check(q.cols == num_heads * d && k.cols == hkv * d && v.cols == hkv * d && k.rows == n &&
@@ -381,6 +518,7 @@ class CudaBackend final : public Backend {
     p.recent = s.recent;
     p.mode = s.prefill == StreamingPrefill::kExact ? cuda::StreamingMode::kExact
                                                    : cuda::StreamingMode::kChunk;
+    p.p0_device = capture_ != nullptr ? &capture_->device->position : nullptr;
     // The fast kernels take head_dim 64 or 128 (cuda/attention.h); other sizes (the tiny test
     // fixtures use 16) run on the naive kernels.
     if (naive_attention_ || (d != 64 && d != 128)) {
@@ -401,7 +539,32 @@ class CudaBackend final : public Backend {
     if (lc.num_streaming > 0) cuda::append_streaming(p, lc.sk, lc.sv, stream_);
   }
 
-  void advance(KVCache& cache, int64_t n) override { static_cast<CudaKVCache&>(cache).advance(n); }
+  void advance(KVCache& cache, int64_t n) override {
+    check(capture_ == nullptr, "decode graph capture: advance() is the caller's, after replay");
+    static_cast<CudaKVCache&>(cache).advance(n);
+  }
+
+  std::unique_ptr<DecodeGraph> capture_decode_step(KVCache& cache,
+                                                   const std::function<void()>& step) override;
+
+  void fill_cache_random(KVCache& cache_base, int64_t length, uint64_t seed) override {
+    auto& cache = static_cast<CudaKVCache&>(cache_base);
+    const CacheSpec& s = cache.spec();
+    check(length >= 0 && length <= s.capacity, "fill_cache_random: length ", length, " outside 0..",
+          s.capacity);
+    uint64_t k = 0;
+    for (int64_t l = 0; l < s.num_layers; ++l) {
+      CudaLayerCache& c = cache.layer(l);
+      const int64_t rn = c.num_retrieval * s.capacity * s.head_dim;
+      const int64_t sn = c.num_streaming * cache.slots() * s.head_dim;
+      for (bf16* p : {c.rk, c.rv})
+        if (rn > 0) cuda::kernels::fill_normal(p, rn, 1.0f, tensor_seed(seed, k++), stream_);
+      for (bf16* p : {c.sk, c.sv})
+        if (sn > 0) cuda::kernels::fill_normal(p, sn, 1.0f, tensor_seed(seed, k++), stream_);
+    }
+    DUO_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    cache.set_length(length);
+  }
 
   void synchronize() override { DUO_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
   int64_t device_memory_peak() const override { return mem_.peak(); }
@@ -409,6 +572,7 @@ class CudaBackend final : public Backend {
   void reset_memory_peak() override { mem_.reset_peak(); }
 
  private:
+  friend class CudaDecodeGraph;
   struct Scratch {
     void* ptr = nullptr;
     int64_t bytes = 0;
@@ -416,6 +580,9 @@ class CudaBackend final : public Backend {
   // A growable device buffer (contents not preserved when it grows).
   void* scratch(Scratch& s, int64_t bytes, const char* what) {
     if (bytes > s.bytes) {
+      check(capture_ == nullptr, "decode graph capture: buffer '", what,
+            "' would grow during the capture (run the step once uncaptured first)");
+      ++buffer_epoch_;  // a captured graph may hold the old address
       if (s.ptr != nullptr) {
         DUO_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the old buffer may still be in use
         mem_.free(s.ptr);
@@ -502,11 +669,100 @@ class CudaBackend final : public Backend {
   int64_t workspace_bytes_ = 0;
   bool naive_attention_ = false;
   std::vector<void*> owned_;
-  Scratch staging_, tokens_buf_, positions_buf_, inv_freq_buf_, attn_workspace_;
+  Scratch staging_, tokens_buf_, positions_buf_, inv_freq_buf_, attn_workspace_, argmax_buf_;
+  PinnedBuffer tokens_pinned_, positions_pinned_, inv_freq_pinned_, download_pinned_,
+      argmax_pinned_;
+  DecodeCapture* capture_ = nullptr;  // set while a decode step is recorded
+  int64_t buffer_epoch_ = 0;          // bumped whenever a scratch buffer moves
   std::vector<float> inv_freq_host_;
   std::vector<int64_t> positions_host_;
   std::map<std::tuple<int64_t, int64_t, int64_t, int, int, int, bool>, GemmPlan> plans_;
 };
+
+// A captured decode step: the instantiated graph plus its DecodeInputs (device) and their pinned
+// host mirror. Replay = one small host-to-device copy + one graph launch.
+class CudaDecodeGraph final : public DecodeGraph {
+ public:
+  CudaDecodeGraph(CudaBackend& b, const CudaKVCache& cache)
+      : b_(&b), cache_serial_(cache.serial()) {
+    device_ = static_cast<DecodeInputs*>(b.mem_.alloc(sizeof(DecodeInputs), "decode graph inputs"));
+  }
+  ~CudaDecodeGraph() override {
+    (void)cudaStreamSynchronize(b_->stream_);  // a replay may still read the inputs
+    if (exec_ != nullptr) (void)cudaGraphExecDestroy(exec_);
+    b_->mem_.free(device_);
+  }
+
+  bool usable_for(const KVCache& cache, const RopeFrequencies& f) const override {
+    const auto* c = dynamic_cast<const CudaKVCache*>(&cache);
+    return c != nullptr && c->serial() == cache_serial_ && b_->buffer_epoch_ == epoch_ &&
+           (info_.rope_freqs < 0 || (static_cast<int64_t>(f.inv_freq.size()) == info_.rope_freqs &&
+                                     f.attention_scaling == info_.attention_scaling));
+  }
+
+  void replay(int32_t token, const KVCache& cache, const RopeFrequencies& f) override {
+    check(usable_for(cache, f),
+          "decode graph: replayed for a cache or RoPE setting it was not "
+          "captured for");
+    check(token >= 0 && token < info_.vocab, "token id ", token, " is outside the vocabulary of ",
+          info_.vocab);
+    const int64_t pos = cache.length();
+    check(pos + 1 <= cache.spec().capacity, "context length exceeded: ", pos + 1,
+          " tokens, but the cache holds ", cache.spec().capacity, " (raise -c)");
+    auto* h = static_cast<DecodeInputs*>(inputs_pinned_.acquire(sizeof(DecodeInputs)));
+    h->position = pos;
+    h->token = token;
+    h->pad = 0;
+    const int64_t nf = std::max<int64_t>(info_.rope_freqs, 0);
+    std::copy(f.inv_freq.begin(), f.inv_freq.begin() + nf, h->inv_freq);
+    const size_t bytes = offsetof(DecodeInputs, inv_freq) + static_cast<size_t>(nf) * sizeof(float);
+    DUO_CUDA_CHECK(cudaMemcpyAsync(device_, h, bytes, cudaMemcpyHostToDevice, b_->stream_));
+    inputs_pinned_.used_by(b_->stream_);
+    DUO_CUDA_CHECK(cudaGraphLaunch(exec_, b_->stream_));
+  }
+
+  // Records `step` on the backend's stream (relaxed capture mode: nothing else runs there).
+  void capture(const KVCache& cache, const std::function<void()>& step) {
+    info_.cache = &cache;
+    info_.device = device_;
+    b_->capture_ = &info_;
+    DUO_CUDA_CHECK(cudaStreamBeginCapture(b_->stream_, cudaStreamCaptureModeRelaxed));
+    cudaGraph_t graph = nullptr;
+    try {
+      step();
+    } catch (...) {
+      b_->capture_ = nullptr;
+      if (cudaStreamEndCapture(b_->stream_, &graph) == cudaSuccess && graph != nullptr)
+        (void)cudaGraphDestroy(graph);
+      (void)cudaGetLastError();
+      throw;
+    }
+    b_->capture_ = nullptr;
+    DUO_CUDA_CHECK(cudaStreamEndCapture(b_->stream_, &graph));
+    const cudaError_t e = cudaGraphInstantiate(&exec_, graph, 0);
+    (void)cudaGraphDestroy(graph);
+    DUO_CUDA_CHECK(e);
+    check(info_.vocab > 0, "decode graph capture: the step did not embed its token");
+    epoch_ = b_->buffer_epoch_;
+  }
+
+ private:
+  CudaBackend* b_;
+  uint64_t cache_serial_;
+  DecodeInputs* device_ = nullptr;
+  PinnedBuffer inputs_pinned_;
+  DecodeCapture info_;
+  cudaGraphExec_t exec_ = nullptr;
+  int64_t epoch_ = -1;
+};
+
+std::unique_ptr<DecodeGraph> CudaBackend::capture_decode_step(KVCache& cache,
+                                                              const std::function<void()>& step) {
+  check(capture_ == nullptr, "decode graph capture: already capturing");
+  auto g = std::make_unique<CudaDecodeGraph>(*this, static_cast<CudaKVCache&>(cache));
+  g->capture(cache, step);
+  return g;
+}
 
 }  // namespace
 

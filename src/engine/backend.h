@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -76,6 +77,21 @@ struct LongRangeProbe {
   std::vector<double> weight;     // [layers * kv_heads], number of (query, query head) pairs summed
 };
 
+// A single-token decode step recorded once by Backend::capture_decode_step and replayed for
+// every later token (CUDA graphs). It must not outlive its backend.
+class DecodeGraph {
+ public:
+  virtual ~DecodeGraph() = default;
+  // Whether replay() may run for `cache` with RoPE frequencies f: the very cache object it was
+  // captured for, the same RoPE attention scaling and frequency count, and no backend buffer the
+  // graph reads or writes reallocated since the capture. (Clearing the cache keeps it usable: the
+  // position comes from replay().)
+  virtual bool usable_for(const KVCache& cache, const RopeFrequencies& f) const = 0;
+  // Queues the recorded step for `token` at position cache.length() with frequencies f
+  // (asynchronous). The caller advances the cache (Backend::advance) afterwards.
+  virtual void replay(int32_t token, const KVCache& cache, const RopeFrequencies& f) = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -95,6 +111,8 @@ class Backend {
   virtual Tensor alloc(int64_t rows, int64_t cols) = 0;
   // Rows [begin, end) of t, sharing its memory.
   virtual Tensor view_rows(const Tensor& t, int64_t begin, int64_t end) = 0;
+  // Columns [begin, end) of a one-row tensor (contiguous), sharing its memory.
+  virtual Tensor view_cols(const Tensor& t, int64_t begin, int64_t end) = 0;
   virtual std::vector<float> download(const Tensor& t, int64_t row_begin, int64_t row_end) = 0;
   virtual std::unique_ptr<KVCache> create_cache(const CacheSpec& spec) = 0;
 
@@ -111,6 +129,11 @@ class Backend {
   virtual void swiglu(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
   // x += y
   virtual void add(Tensor& x, const Tensor& y) = 0;
+  // add(x, y) then rmsnorm(x, w, eps, out), fused where the backend can (bitwise the same).
+  virtual void add_rmsnorm(Tensor& x, const Tensor& y, const Tensor& w, float eps, Tensor& out) {
+    add(x, y);
+    rmsnorm(x, w, eps, out);
+  }
   // Appends k, v (n new tokens at positions cache.length() ..) to `layer` of the cache and computes
   // out[n, heads * head_dim] = attention of q (heads query heads, GQA groups of heads / kv_heads)
   // over what each head may see. The cache length advances once per forward, via advance().
@@ -121,6 +144,25 @@ class Backend {
   // Starts (probe != nullptr) or stops collecting LongRangeProbe statistics; the probe's vectors
   // must be sized layers * kv_heads. Backends without it throw Error.
   virtual void set_long_range_probe(LongRangeProbe* probe);
+
+  // Index of the largest element of each row [row_begin, row_end) of x, the lowest index among
+  // equal maxima (std::max_element's choice): greedy sampling where only the ids cross to the host.
+  virtual std::vector<int32_t> argmax_rows(const Tensor& x, int64_t row_begin, int64_t row_end);
+
+  // Optional (CUDA graphs): records the op calls that `step` makes — one decode token (n == 1) for
+  // `cache`, without Backend::advance — into a graph, without running them. While recording,
+  // embed() takes the token and rope() / attention() the position (and RoPE frequencies) from
+  // device state that DecodeGraph::replay() sets, so the host values passed to them are ignored.
+  // Every tensor the step touches must stay allocated and unmoved while the graph is used, and
+  // the same step must have run once uncaptured on this backend first (so that no buffer grows
+  // during the capture). nullptr where the backend has no graphs (the CPU backends).
+  virtual std::unique_ptr<DecodeGraph> capture_decode_step(KVCache& cache,
+                                                           const std::function<void()>& step);
+
+  // Benchmarks only: makes the cache hold `length` tokens whose K/V are random normals (seeded) in
+  // every store, in place of a prefill, so decode and the last prefill chunk at long contexts can
+  // be timed without prefilling everything before them. Backends without it throw Error.
+  virtual void fill_cache_random(KVCache& cache, int64_t length, uint64_t seed);
 
   // Waits for queued device work (no-op on the CPU). Timing code calls it before reading a clock.
   virtual void synchronize() {}

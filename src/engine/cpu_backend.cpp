@@ -148,6 +148,12 @@ class CpuBackend final : public Backend {
   Tensor view_rows(const Tensor& t, int64_t begin, int64_t end) override {
     return Tensor{fp(t) + begin * t.cols, end - begin, t.cols};
   }
+  Tensor view_cols(const Tensor& t, int64_t begin, int64_t end) override {
+    check(t.rows == 1 && begin >= 0 && begin <= end && end <= t.cols, "view_cols: columns [", begin,
+          ", ", end, ") of a ", t.rows, " x ", t.cols, " tensor (one row only)");
+    return Tensor{fp(t) + begin, 1, end - begin};
+  }
+
   std::vector<float> download(const Tensor& t, int64_t row_begin, int64_t row_end) override {
     return std::vector<float>(fp(t) + row_begin * t.cols, fp(t) + row_end * t.cols);
   }
@@ -429,6 +435,25 @@ class CpuBackend final : public Backend {
 
 void Backend::set_long_range_probe(LongRangeProbe*) {
   fail("backend ", name(), " does not collect attention statistics (use --backend cpu)");
+}
+
+std::vector<int32_t> Backend::argmax_rows(const Tensor& x, int64_t row_begin, int64_t row_end) {
+  const std::vector<float> v = download(x, row_begin, row_end);
+  std::vector<int32_t> ids;
+  for (int64_t r = 0; r < row_end - row_begin; ++r) {
+    const auto row = v.begin() + r * x.cols;
+    ids.push_back(static_cast<int32_t>(std::max_element(row, row + x.cols) - row));
+  }
+  return ids;
+}
+
+std::unique_ptr<DecodeGraph> Backend::capture_decode_step(KVCache&, const std::function<void()>&) {
+  return nullptr;
+}
+
+void Backend::fill_cache_random(KVCache&, int64_t, uint64_t) {
+  fail("backend ", name(),
+       " cannot fill a cache with random K/V (benchmark option; use --backend cuda)");
 }
 
 std::unique_ptr<Backend> make_cpu_backend(CpuMode mode) {

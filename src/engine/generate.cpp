@@ -20,21 +20,32 @@ GenerateResult generate(Model& model, KVCache& cache, std::span<const int32_t> p
   check(n + opt.max_new_tokens <= ctx, "prompt (", n, " tokens) + -n ", opt.max_new_tokens,
         " exceeds the context length -c ", ctx);
   Sampler sampler(opt.sampling);
+  // Greedy decoding takes the argmax on the backend (only the id is downloaded); sampling
+  // downloads the logits row and draws on the host.
+  const bool greedy = opt.sampling.temperature == 0.0f;
+  auto step = [&](std::span<const int32_t> tokens) -> int32_t {
+    if (greedy) return model.forward_greedy(tokens, cache);
+    return sampler.sample(model.forward(tokens, cache, 1));
+  };
   GenerateResult r;
   r.prompt_tokens = n;
   const auto t0 = clock::now();
-  std::vector<float> logits;
+  int32_t next = -1;
   for (int64_t p = 0; p < n; p += opt.chunk) {
     const int64_t len = std::min(opt.chunk, n - p);
-    const bool last = p + len == n;
-    logits = model.forward(prompt.subspan(static_cast<size_t>(p), static_cast<size_t>(len)), cache,
-                           last ? 1 : 0);
+    const auto part = prompt.subspan(static_cast<size_t>(p), static_cast<size_t>(len));
+    if (p + len < n) {
+      model.forward(part, cache, 0);
+    } else if (opt.max_new_tokens > 0) {
+      next = step(part);
+    } else {
+      model.forward(part, cache, 0);  // nothing to generate: no logits needed
+    }
     if (cb.on_prefill) cb.on_prefill(p + len, n);
   }
   const auto t1 = clock::now();
   r.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
   for (int64_t i = 0; i < opt.max_new_tokens; ++i) {
-    const int32_t next = sampler.sample(logits);
     r.tokens.push_back(next);
     if (cb.on_token) cb.on_token(next);
     if (std::find(opt.stop_ids.begin(), opt.stop_ids.end(), next) != opt.stop_ids.end()) {
@@ -42,7 +53,7 @@ GenerateResult generate(Model& model, KVCache& cache, std::span<const int32_t> p
       break;
     }
     if (i + 1 == opt.max_new_tokens || (cb.stop && cb.stop())) break;
-    logits = model.forward(std::span<const int32_t>(&next, 1), cache, 1);
+    next = step(std::span<const int32_t>(&next, 1));
   }
   r.decode_seconds = std::chrono::duration<double>(clock::now() - t1).count();
   return r;

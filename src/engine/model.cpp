@@ -114,34 +114,40 @@ void Model::load_checkpoint(const std::filesystem::path& model_dir) {
     LayerWeights w;
     w.attn_norm = up2(ws.load_f32(p + "input_layernorm.weight", {H}), 1, H);
     w.mlp_norm = up2(ws.load_f32(p + "post_attention_layernorm.weight", {H}), 1, H);
-    w.wq =
-        up2(permute_head_rows(ws.load_f32(p + "self_attn.q_proj.weight", {c.q_dim(), H}), qo, d, H),
-            c.q_dim(), H);
-    w.wk = up2(
-        permute_head_rows(ws.load_f32(p + "self_attn.k_proj.weight", {c.kv_dim(), H}), kvo, d, H),
-        c.kv_dim(), H);
-    w.wv = up2(
-        permute_head_rows(ws.load_f32(p + "self_attn.v_proj.weight", {c.kv_dim(), H}), kvo, d, H),
-        c.kv_dim(), H);
+    auto concat = [](std::vector<std::vector<float>> parts) {
+      std::vector<float> all;
+      for (const auto& v : parts) all.insert(all.end(), v.begin(), v.end());
+      return all;
+    };
+    const int64_t qkv_rows = c.q_dim() + 2 * c.kv_dim();
+    w.wqkv =
+        up2(concat({permute_head_rows(ws.load_f32(p + "self_attn.q_proj.weight", {c.q_dim(), H}),
+                                      qo, d, H),
+                    permute_head_rows(ws.load_f32(p + "self_attn.k_proj.weight", {c.kv_dim(), H}),
+                                      kvo, d, H),
+                    permute_head_rows(ws.load_f32(p + "self_attn.v_proj.weight", {c.kv_dim(), H}),
+                                      kvo, d, H)}),
+            qkv_rows, H);
     w.wo =
         up2(permute_head_cols(ws.load_f32(p + "self_attn.o_proj.weight", {H, c.q_dim()}), qo, d, H),
             H, c.q_dim());
     if (c.qkv_bias) {
-      w.bq = up2(permute_head_rows(ws.load_f32(p + "self_attn.q_proj.bias", {c.q_dim()}), qo, d, 1),
-                 1, c.q_dim());
-      w.bk =
-          up2(permute_head_rows(ws.load_f32(p + "self_attn.k_proj.bias", {c.kv_dim()}), kvo, d, 1),
-              1, c.kv_dim());
-      w.bv =
-          up2(permute_head_rows(ws.load_f32(p + "self_attn.v_proj.bias", {c.kv_dim()}), kvo, d, 1),
-              1, c.kv_dim());
+      w.bqkv = up2(
+          concat(
+              {permute_head_rows(ws.load_f32(p + "self_attn.q_proj.bias", {c.q_dim()}), qo, d, 1),
+               permute_head_rows(ws.load_f32(p + "self_attn.k_proj.bias", {c.kv_dim()}), kvo, d, 1),
+               permute_head_rows(ws.load_f32(p + "self_attn.v_proj.bias", {c.kv_dim()}), kvo, d,
+                                 1)}),
+          1, qkv_rows);
     }
     // The o_proj bias lives in the output (hidden) space: it is never permuted.
     if (c.o_bias) w.bo = up2(ws.load_f32(p + "self_attn.o_proj.bias", {H}), 1, H);
-    w.w_gate = up2(ws.load_f32(p + "mlp.gate_proj.weight", {I, H}), I, H);
-    w.w_up = up2(ws.load_f32(p + "mlp.up_proj.weight", {I, H}), I, H);
+    w.w_gate_up = up2(concat({ws.load_f32(p + "mlp.gate_proj.weight", {I, H}),
+                              ws.load_f32(p + "mlp.up_proj.weight", {I, H})}),
+                      2 * I, H);
     w.w_down = up2(ws.load_f32(p + "mlp.down_proj.weight", {H, I}), H, I);
     check(!c.mlp_bias, model_dir.string(), ": mlp_bias=true is not supported");
+    set_weight_views(w);
     layers_.push_back(w);
   }
 }
@@ -164,21 +170,30 @@ void Model::load_random(uint64_t seed) {
     LayerWeights w;
     w.attn_norm = ones(H);
     w.mlp_norm = ones(H);
-    w.wq = rand(c.q_dim(), H);
-    w.wk = rand(c.kv_dim(), H);
-    w.wv = rand(c.kv_dim(), H);
+    w.wqkv = rand(c.q_dim() + 2 * c.kv_dim(), H);
     w.wo = rand(H, c.q_dim());
-    if (c.qkv_bias) {
-      w.bq = rand(1, c.q_dim());
-      w.bk = rand(1, c.kv_dim());
-      w.bv = rand(1, c.kv_dim());
-    }
+    if (c.qkv_bias) w.bqkv = rand(1, c.q_dim() + 2 * c.kv_dim());
     if (c.o_bias) w.bo = rand(1, H);
-    w.w_gate = rand(I, H);
-    w.w_up = rand(I, H);
+    w.w_gate_up = rand(2 * I, H);
     w.w_down = rand(H, I);
+    set_weight_views(w);
     layers_.push_back(w);
   }
+}
+
+void Model::set_weight_views(LayerWeights& w) {
+  Backend& b = *backend_;
+  const int64_t qd = config_.q_dim(), kvd = config_.kv_dim(), I = config_.intermediate_size;
+  w.wq = b.view_rows(w.wqkv, 0, qd);
+  w.wk = b.view_rows(w.wqkv, qd, qd + kvd);
+  w.wv = b.view_rows(w.wqkv, qd + kvd, qd + 2 * kvd);
+  if (w.bqkv.data != nullptr) {
+    w.bq = b.view_cols(w.bqkv, 0, qd);
+    w.bk = b.view_cols(w.bqkv, qd, qd + kvd);
+    w.bv = b.view_cols(w.bqkv, qd + kvd, qd + 2 * kvd);
+  }
+  w.w_gate = b.view_rows(w.w_gate_up, 0, I);
+  w.w_up = b.view_rows(w.w_gate_up, I, 2 * I);
 }
 
 std::unique_ptr<KVCache> Model::make_cache(int64_t capacity, int64_t sink, int64_t recent,
@@ -195,10 +210,19 @@ std::unique_ptr<KVCache> Model::make_cache(int64_t capacity, int64_t sink, int64
   return backend_->create_cache(s);
 }
 
+void Model::set_decode_graphs(bool on) {
+  decode_graphs_ = on;
+  if (!on) decode_graph_.reset();
+}
+
 void Model::reserve(int64_t rows) {
   if (rows <= reserved_) return;
   Backend& b = *backend_;
   const ModelConfig& c = config_;
+  if (reserved_ == 0) {
+    qkv1_ = b.alloc(1, c.q_dim() + 2 * c.kv_dim());
+    gate_up1_ = b.alloc(1, 2 * c.intermediate_size);
+  }
   x_ = b.alloc(rows, c.hidden_size);
   xn_ = b.alloc(rows, c.hidden_size);
   q_ = b.alloc(rows, c.q_dim());
@@ -210,11 +234,81 @@ void Model::reserve(int64_t rows) {
   up_ = b.alloc(rows, c.intermediate_size);
   act_ = b.alloc(rows, c.intermediate_size);
   reserved_ = rows;
+  ++scratch_generation_;
 }
 
-std::vector<float> Model::forward(std::span<const int32_t> tokens, KVCache& cache,
-                                  int64_t logit_rows) {
+void Model::reserve_logits(int64_t rows) {
+  if (rows <= logits_reserved_) return;  // sized by the rows asked for, not by the chunk
+  logits_ = backend_->alloc(rows, config_.vocab_size);
+  logits_reserved_ = rows;
+  ++scratch_generation_;
+}
+
+void Model::run(std::span<const int32_t> tokens, int64_t p0, int64_t logit_rows,
+                const RopeFrequencies& freqs, KVCache& cache) {
   const ModelConfig& c = config_;
+  Backend& b = *backend_;
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  std::vector<int64_t> positions(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) positions[i] = p0 + i;
+
+  auto rows = [&](const Tensor& t) { return b.view_rows(t, 0, n); };
+  Tensor x = rows(x_), xn = rows(xn_), q = rows(q_), k = rows(k_), v = rows(v_);
+  Tensor attn = rows(attn_), proj = rows(proj_), gate = rows(gate_), up = rows(up_),
+         act = rows(act_);
+
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  const int64_t qd = c.q_dim(), kvd = c.kv_dim(), I = c.intermediate_size;
+  b.embed(embed_, tokens, x);  // x [n, hidden]
+  b.rmsnorm(x, layers_[0].attn_norm, eps, xn);
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const LayerWeights& w = layers_[l];
+    // Attention block: x += o_proj(attention(rope(q), rope(k), v)); xn = rmsnorm(x) on entry.
+    if (n == 1) {  // one GEMM for q, k, v; one RoPE call for the q and k heads (adjacent)
+      Tensor qkv = qkv1_;
+      b.linear(xn, w.wqkv, w.bqkv.data ? &w.bqkv : nullptr, qkv);  // [1, q + 2 kv]
+      q = b.view_cols(qkv, 0, qd);
+      k = b.view_cols(qkv, qd, qd + kvd);
+      v = b.view_cols(qkv, qd + kvd, qd + 2 * kvd);
+      Tensor qk = b.view_cols(qkv, 0, qd + kvd);
+      b.rope(qk, c.num_heads + c.num_kv_heads, c.head_dim, positions, freqs);
+    } else {
+      b.linear(xn, w.wq, w.bq.data ? &w.bq : nullptr, q);  // [n, heads * d]
+      b.linear(xn, w.wk, w.bk.data ? &w.bk : nullptr, k);  // [n, kv_heads * d]
+      b.linear(xn, w.wv, w.bv.data ? &w.bv : nullptr, v);  // [n, kv_heads * d]
+      b.rope(q, c.num_heads, c.head_dim, positions, freqs);
+      b.rope(k, c.num_kv_heads, c.head_dim, positions, freqs);
+    }
+    b.attention(cache, l, q, k, v, c.num_heads, attn);        // [n, heads * d]
+    b.linear(attn, w.wo, w.bo.data ? &w.bo : nullptr, proj);  // [n, hidden]
+    b.add_rmsnorm(x, proj, w.mlp_norm, eps, xn);              // x += proj; xn = rmsnorm(x)
+    // MLP block: x += down(silu(gate(xn)) * up(xn))
+    if (n == 1) {
+      Tensor gu = gate_up1_;
+      b.linear(xn, w.w_gate_up, nullptr, gu);  // [1, 2 intermediate]
+      gate = b.view_cols(gu, 0, I);
+      up = b.view_cols(gu, I, 2 * I);
+    } else {
+      b.linear(xn, w.w_gate, nullptr, gate);  // [n, intermediate]
+      b.linear(xn, w.w_up, nullptr, up);      // [n, intermediate]
+    }
+    b.swiglu(gate, up, act);
+    b.linear(act, w.w_down, nullptr, proj);  // [n, hidden]
+    if (l + 1 < c.num_layers) {
+      b.add_rmsnorm(x, proj, layers_[l + 1].attn_norm, eps, xn);
+    } else if (logit_rows > 0) {
+      // Only the rows that get logits need the last residual: x += proj; xn = final_norm(x).
+      Tensor last = b.view_rows(x_, n - logit_rows, n);
+      Tensor last_proj = b.view_rows(proj_, n - logit_rows, n);
+      Tensor last_n = b.view_rows(xn_, 0, logit_rows);
+      b.add_rmsnorm(last, last_proj, final_norm_, eps, last_n);
+      Tensor logits = b.view_rows(logits_, 0, logit_rows);
+      b.linear(last_n, lm_head_, nullptr, logits);  // [logit_rows, vocab]
+    }
+  }
+}
+
+void Model::forward_device(std::span<const int32_t> tokens, KVCache& cache, int64_t logit_rows) {
   Backend& b = *backend_;
   const int64_t n = static_cast<int64_t>(tokens.size());
   check(n > 0, "forward: no tokens");
@@ -223,48 +317,37 @@ std::vector<float> Model::forward(std::span<const int32_t> tokens, KVCache& cach
   check(p0 + n <= cache.spec().capacity, "context length exceeded: ", p0 + n,
         " tokens, but the context (-c) is ", cache.spec().capacity);
   reserve(n);
-  std::vector<int64_t> positions(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) positions[i] = p0 + i;
+  reserve_logits(logit_rows);
   const RopeFrequencies& freqs = rope_.for_call(p0 + n - 1);
-
-  auto rows = [&](const Tensor& t) { return b.view_rows(t, 0, n); };
-  Tensor x = rows(x_), xn = rows(xn_), q = rows(q_), k = rows(k_), v = rows(v_);
-  Tensor attn = rows(attn_), proj = rows(proj_), gate = rows(gate_), up = rows(up_),
-         act = rows(act_);
-
-  b.embed(embed_, tokens, x);  // x [n, hidden]
-  for (int64_t l = 0; l < c.num_layers; ++l) {
-    const LayerWeights& w = layers_[l];
-    // Attention block: x += o_proj(attention(rope(q), rope(k), v))
-    b.rmsnorm(x, w.attn_norm, static_cast<float>(c.rms_norm_eps), xn);  // [n, hidden]
-    b.linear(xn, w.wq, w.bq.data ? &w.bq : nullptr, q);                 // [n, heads * d]
-    b.linear(xn, w.wk, w.bk.data ? &w.bk : nullptr, k);                 // [n, kv_heads * d]
-    b.linear(xn, w.wv, w.bv.data ? &w.bv : nullptr, v);                 // [n, kv_heads * d]
-    b.rope(q, c.num_heads, c.head_dim, positions, freqs);
-    b.rope(k, c.num_kv_heads, c.head_dim, positions, freqs);
-    b.attention(cache, l, q, k, v, c.num_heads, attn);        // [n, heads * d]
-    b.linear(attn, w.wo, w.bo.data ? &w.bo : nullptr, proj);  // [n, hidden]
-    b.add(x, proj);
-    // MLP block: x += down(silu(gate(x)) * up(x))
-    b.rmsnorm(x, w.mlp_norm, static_cast<float>(c.rms_norm_eps), xn);
-    b.linear(xn, w.w_gate, nullptr, gate);  // [n, intermediate]
-    b.linear(xn, w.w_up, nullptr, up);      // [n, intermediate]
-    b.swiglu(gate, up, act);
-    b.linear(act, w.w_down, nullptr, proj);  // [n, hidden]
-    b.add(x, proj);
+  const bool graph_step = decode_graphs_ && n == 1 && logit_rows == 1;
+  if (graph_step && decode_graph_ && graph_generation_ == scratch_generation_ &&
+      decode_graph_->usable_for(cache, freqs)) {
+    decode_graph_->replay(tokens[0], cache, freqs);
+    b.advance(cache, 1);
+    return;
   }
+  run(tokens, p0, logit_rows, freqs, cache);
   b.advance(cache, n);
-  if (logit_rows == 0) return {};
-  Tensor last = b.view_rows(x_, n - logit_rows, n);
-  Tensor last_n = b.view_rows(xn_, 0, logit_rows);
-  b.rmsnorm(last, final_norm_, static_cast<float>(c.rms_norm_eps), last_n);
-  if (logit_rows > logits_reserved_) {  // sized by the rows asked for, not by the chunk
-    logits_ = b.alloc(logit_rows, c.vocab_size);
-    logits_reserved_ = logit_rows;
+  if (!graph_step) return;
+  // This uncaptured step sized every buffer a step needs: record the next steps' graph now
+  // (capture runs nothing; the token and position placeholders are replaced at replay).
+  decode_graph_.reset();
+  if (cache.length() < cache.spec().capacity) {
+    decode_graph_ = b.capture_decode_step(cache, [&] { run(tokens, p0 + 1, 1, freqs, cache); });
+    graph_generation_ = scratch_generation_;
   }
-  Tensor logits = b.view_rows(logits_, 0, logit_rows);
-  b.linear(last_n, lm_head_, nullptr, logits);  // [logit_rows, vocab]
-  return b.download(logits, 0, logit_rows);
+}
+
+std::vector<float> Model::forward(std::span<const int32_t> tokens, KVCache& cache,
+                                  int64_t logit_rows) {
+  forward_device(tokens, cache, logit_rows);
+  if (logit_rows == 0) return {};
+  return backend_->download(logits_, 0, logit_rows);
+}
+
+int32_t Model::forward_greedy(std::span<const int32_t> tokens, KVCache& cache) {
+  forward_device(tokens, cache, 1);
+  return backend_->argmax_rows(logits_, 0, 1)[0];
 }
 
 }  // namespace duo
