@@ -10,7 +10,8 @@
 // are padded by 16 bytes so ldmatrix is bank-conflict free. Masks are evaluated per element only on
 // tiles that need them (causal diagonal / range end for retrieval; always for streaming tiles).
 // On Hopper (sm_90a builds, compute capability 9.x), head_dim 128 and n >= 1024 go to the wgmma
-// kernel in attention_prefill_sm90.cu instead (same semantics; DUO_ATTN_SM90=0|1 forces the choice).
+// kernel in attention_prefill_sm90.cu instead (same semantics; DUO_ATTN_SM90=0|1 forces the
+// choice).
 #include <cuda_bf16.h>
 
 #include <cstdint>
