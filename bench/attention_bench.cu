@@ -4,7 +4,11 @@
 //  (b) decode (n = 1) at context 128K and 512K, GQA 32/8, hd 128: KV bandwidth = K+V bytes / time
 //      (also 50% retrieval heads, S=128 R=256, for the DuoAttention decode speedup)
 //  (c) streaming-only prefill (S = 128, R = 256) vs full prefill at 32K: speedup
-// Usage: duo_attention_bench [--quick]
+// Usage: duo_attention_bench [--quick | --decode-only | --prefill-only]
+//   --prefill-only: (a) also at n = 1K and 4K, then (c); no decode. The prefill kernel follows
+//   DUO_ATTN_SM90 (0: the mma.sync kernel; unset: the sm_90a wgmma kernel on Hopper from 1K
+//   tokens).
+
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -144,6 +148,7 @@ double decode_ms(int64_t ctx, int nr, int sms, int reps) {
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
   const bool decode_only = argc > 1 && std::strcmp(argv[1], "--decode-only") == 0;
+  const bool prefill_only = argc > 1 && std::strcmp(argv[1], "--prefill-only") == 0;
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
     std::printf("{\"error\": \"no CUDA device\"}\n");
@@ -153,11 +158,15 @@ int main(int argc, char** argv) {
   DUO_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   const int reps = 20;
   const char* forced = std::getenv("DUO_ATTN_SPLITS");
-  std::printf("{\"impl\": \"duo\", \"device\": \"%s\", \"sms\": %d, \"DUO_ATTN_SPLITS\": \"%s\"}\n",
-              prop.name, prop.multiProcessorCount, forced ? forced : "default");
+  const char* sm90 = std::getenv("DUO_ATTN_SM90");
+  std::printf(
+      "{\"impl\": \"duo\", \"device\": \"%s\", \"sms\": %d, \"DUO_ATTN_SPLITS\": \"%s\", "
+      "\"DUO_ATTN_SM90\": \"%s\"}\n",
+      prop.name, prop.multiProcessorCount, forced ? forced : "default", sm90 ? sm90 : "default");
   std::fflush(stdout);
   double full32 = 0;
-  for (int64_t n : {16384LL, 32768LL, 65536LL}) {
+  for (int64_t n : {1024LL, 4096LL, 16384LL, 32768LL, 65536LL}) {
+    if (n < 16384 && !prefill_only) continue;
     if ((quick && n > 16384) || decode_only) break;
     const double ms = prefill_ms(n, kHkv, reps);
     if (n == 32768) full32 = ms;
@@ -169,6 +178,7 @@ int main(int argc, char** argv) {
     std::fflush(stdout);
   }
   for (int64_t ctx : {131072LL, 524288LL}) {
+    if (prefill_only) break;
     for (int nr : {kHkv, kHkv / 2}) {
       const double ms = decode_ms(ctx, nr, prop.multiProcessorCount, reps);
       const double bytes = 2.0 * kD * 2 *

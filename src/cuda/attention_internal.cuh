@@ -45,6 +45,10 @@ KArgs make_kargs(const AttentionParams& p);
 void validate(const AttentionParams& p, bool for_attention);
 int device_num_sms();
 void launch_prefill(const KArgs& a, int head_dim, cudaStream_t stream);
+// Hopper wgmma prefill (attention_prefill_sm90.cu): whether it handles this call (sm_90a build,
+// compute capability 9.x device, head_dim 128, n large enough or DUO_ATTN_SM90=1), and its launch.
+bool prefill_sm90_eligible(int64_t n, int head_dim);
+void launch_prefill_sm90(const KArgs& a, cudaStream_t stream);
 
 __device__ __forceinline__ int64_t load_p0(const KArgs& a) {
   return a.p0_ptr != nullptr ? *a.p0_ptr : a.p0;

@@ -9,6 +9,9 @@
 // use mma.sync m16n8k16 bf16 -> fp32 (sm_80 and sm_90); ldmatrix(.trans) feeds the fragments; rows
 // are padded by 16 bytes so ldmatrix is bank-conflict free. Masks are evaluated per element only on
 // tiles that need them (causal diagonal / range end for retrieval; always for streaming tiles).
+// On Hopper (sm_90a builds, compute capability 9.x), head_dim 128 and n >= 1024 go to the wgmma
+// kernel in attention_prefill_sm90.cu instead (same semantics; DUO_ATTN_SM90=0|1 forces the
+// choice).
 #include <cuda_bf16.h>
 
 #include <cstdint>
@@ -308,6 +311,10 @@ static int forced_bm() {
 
 void launch_prefill(const KArgs& a, int head_dim, cudaStream_t stream) {
   if (a.n <= 0) return;
+  if (prefill_sm90_eligible(a.n, head_dim)) {
+    launch_prefill_sm90(a, stream);
+    return;
+  }
   const int f = forced_bm();
   const bool big = f == 128 || (f != 64 && a.n >= 1024);
   if (head_dim == 128) {

@@ -367,6 +367,16 @@ std::vector<Case> single_call_cases() {
   v.push_back(mk("decode_ctx5000", 128, 8, 2, 1, 16, 64, 5000, 1, 1));
   v.push_back(mk("decode_ctx20000_d64", 64, 4, 1, 1, 16, 64, 20000, 1, 1));
   v.push_back(mk("prefill_ctx2000", 128, 8, 2, 1, 16, 64, 2000, 64));
+  // Long chunks (n >= 1024: the sm_90a wgmma kernel on Hopper by default; the whole suite also
+  // runs with DUO_ATTN_SM90=1 to force it for every n): n not a multiple of the 128-row tile,
+  // cached keys (p0 > 0), GQA groups 4 and 8, mixed head types, chunk mode.
+  v.push_back(mk("long_n1500_gqa4", 128, 8, 2, 1, 16, 64, 0, 1500));
+  v.push_back(mk("long_n2100_p333_gqa8", 128, 16, 2, 1, 4, 200, 333, 2100));
+  v.push_back(mk("long_n1025_p7_mixed", 128, 8, 4, 2, 128, 256, 7, 1025));
+  v.push_back(mk("long_n1031_p1900_all_streaming", 128, 8, 2, 0, 64, 300, 1900, 1031));
+  v.push_back(mk("long_chunk_n1200_p500", 128, 8, 2, 1, 16, 64, 500, 1200, 0, true));
+  v.push_back(mk("long_chunk_n1100_p0", 128, 8, 4, 2, 16, 64, 0, 1100, 0, true));
+  v.push_back(mk("long_n5000_mha_nr1", 128, 8, 8, 1, 32, 96, 0, 5000));
   return v;
 }
 
