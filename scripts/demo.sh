@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The README's main command (`make demo`): the MHA demo model answers a passkey question hidden in
-# the middle of a long held-out book excerpt, under full attention, DuoAttention (its heuristic
-# pattern, 4 of 32 KV heads retrieval) and streaming only, with KV memory and speed side by side.
+# the middle of a long held-out book excerpt, under full attention, DuoAttention (its pattern from
+# `duo identify --method gate`, 4 of 32 KV heads retrieval) and streaming only, with KV memory and speed side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DUO=./build/duo
 MODEL=models/duo-demo-mha
-PATTERN=$MODEL/pattern-heuristic
+PATTERN=$MODEL/pattern-gate
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 

@@ -10,8 +10,8 @@ cd "$(dirname "$0")/.."
 G=.devrun/gpu
 if [[ "${1:-}" == "stage" ]]; then  # run: everything; tests-niah: CUDA tests + NIAH on both demo models
   rm -rf "$G" && mkdir -p "$G/libs" "$G/patterns"
-  cp build/duo build/duo_cuda_tests "$G/"
-  cp -r tests/fixtures "$G/fixtures"
+  cp build/duo build/duo_cuda_tests "$G/" && strip "$G/duo" "$G/duo_cuda_tests"
+  git rev-parse --short HEAD > "$G/commit.txt"  # the commit the binaries were built from
   cp -r bench/configs "$G/configs"
   cp bench/baseline_transformers.py "$G/"
   cp -r ../shared/patterns/Llama-2-7B-32K-Instruct ../shared/patterns/Llama-3-8B-Instruct-Gradient-1048k "$G/patterns/"
@@ -25,7 +25,7 @@ OUT=${OUT:-/tmp/out}
 R=$OUT/results && mkdir -p "$R"
 mkdir -p "$G/lib" && for f in "$G"/libs/*.gz; do gunzip -c "$f" > "$G/lib/$(basename "$f" .gz)"; done
 export LD_LIBRARY_PATH=$PWD/$G/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-export DUO_FIXTURES=$PWD/$G/fixtures
+export DUO_FIXTURES=$PWD/tests/fixtures  # they travel with the tree
 DUO=$PWD/$G/duo
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$R/card.txt"
 git rev-parse HEAD 2>/dev/null | tee "$R/commit.txt"

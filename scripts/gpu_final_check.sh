@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One device call for the state of main (after `make build` and `scripts/gpu_check.sh stage` here;
+# carry .devrun/gpu): the whole CUDA test suite, the copy bandwidth, issue 4's end-to-end targets
+# with the current kernels (Llama-3-8B 32K full vs transformers in the same call; prefill with
+# chunk 32K: Llama-2-7B 100K full vs 25%, Llama-3-8B 320K full vs 50%) and NIAH on the demo models
+# at the most aggressive retrieval ratios (gate vs heuristic). Results: $OUT/final.tar + log.txt.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+G=.devrun/gpu
+O=${OUT:-/tmp/out}; R=$O/final; mkdir -p "$R"
+trap 'cp "$R/log.txt" "$O/log.txt" 2>/dev/null; tar -C "$O" -cf "$O/final.tar" final; rm -rf "$R"' EXIT
+exec > >(tee -a "$R/log.txt") 2>&1
+mkdir -p "$G/lib" && for f in "$G"/libs/*.gz; do gunzip -c "$f" > "$G/lib/$(basename "$f" .gz)"; done
+export LD_LIBRARY_PATH=$PWD/$G/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export DUO_FIXTURES=$PWD/tests/fixtures
+DUO=$PWD/$G/duo
+step() { echo "== $1 ($(date +%T))"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+cat "$G/commit.txt" 2>/dev/null
+
+step "CUDA tests"
+timeout 200 "$G/duo_cuda_tests" > "$R/cuda_tests.log" 2>&1; echo "cuda tests rc=$?"
+grep -E "^\[  (PASSED|FAILED) |^\[  FAILED" "$R/cuda_tests.log" | tail -12
+
+step "copy bandwidth (torch, 4 GiB D2D, 2 x bytes / time, median of 15)"
+timeout 60 python3 - <<'PY'
+import torch
+n = 4 << 30
+x = torch.empty(n, dtype=torch.uint8, device="cuda"); y = torch.empty_like(x)
+for _ in range(3): y.copy_(x)
+torch.cuda.synchronize(); ts = []
+for _ in range(15):
+    a = torch.cuda.Event(enable_timing=True); b = torch.cuda.Event(enable_timing=True)
+    a.record(); y.copy_(x); b.record(); b.synchronize(); ts.append(a.elapsed_time(b) / 1e3)
+ts.sort(); print("copy_bandwidth_TBps %.3f" % (2 * n / ts[len(ts) // 2] / 1e12))
+PY
+
+bench() {  # name, timeout, args...
+  local name=$1 t=$2; shift 2
+  timeout "$t" "$DUO" bench --backend cuda --json --random-weights "$@" > "$R/$name.json" 2> "$R/$name.err"
+  echo "$name rc=$?"; python3 - "$R/$name.json" <<'PY'
+import json, sys
+try:
+    j = json.load(open(sys.argv[1]))
+except Exception as e:
+    print("  no result:", e); sys.exit()
+for r in j["results"]:
+    print("  N=%d prefill %.3f s decode %.3f ms/tok peak %.2f GB kv %.2f GB" % (
+        r["context"], r["prefill_seconds"], r["decode_ms_per_token_median"],
+        r["peak_device_bytes"] / 1e9, r["kv_bytes_total"] / 1e9))
+PY
+}
+L3="--config $G/configs/llama-3-8b-1048k.json"
+L2="--config $G/configs/llama-2-7b-32k.json"
+P2="--pattern $G/patterns/Llama-2-7B-32K-Instruct --sparsity 0.75"
+P3="--pattern $G/patterns/Llama-3-8B-Instruct-Gradient-1048k --sparsity 0.5"
+step "Llama-3-8B 32K full attention vs transformers (sdpa, bf16), same call"
+bench l3_32k_full 90 $L3 --contexts 32000 --chunk 32768 --decode-steps 100
+PYTHONUNBUFFERED=1 timeout 90 python3 "$G/baseline_transformers.py" $L3 --contexts 32000 \
+  --decode-steps 20 > "$R/hf_l3_32k.json" 2> "$R/hf_l3_32k.err"; echo "hf rc=$?"
+tail -c 500 "$R/hf_l3_32k.json"; echo
+step "prefill, chunk 32K: Llama-2-7B 100K full vs 25%"
+bench l2_100k_full 90 $L2 --contexts 100000 --chunk 32768 --decode-steps 20
+bench l2_100k_duo75 90 $L2 --contexts 100000 --chunk 32768 --decode-steps 20 $P2
+step "prefill, chunk 32K: Llama-3-8B 320K full vs 50%"
+bench l3_320k_full 150 $L3 --contexts 320000 --chunk 32768 --decode-steps 5
+bench l3_320k_duo50 120 $L3 --contexts 320000 --chunk 32768 --decode-steps 5 $P3
+
+step "NIAH, most aggressive ratios (gate vs heuristic)"
+for m in mha gqa; do
+  [[ $m == mha ]] && sp=0.96875 || sp=0.9375
+  for p in gate heuristic; do
+    for task in passkey sentence; do
+      echo "$m $task $p $sp: $(timeout 60 "$DUO" niah -m models/duo-demo-$m --haystack data/haystack \
+        --task $task --lengths 1000,2000,4000,8000,16000 --backend cuda --sink 64 --recent 256 \
+        --pattern models/duo-demo-$m/pattern-$p --sparsity $sp --json "$R/niah_${m}_${task}_${p}_${sp#0.}.json" | tail -1)" &
+    done
+  done
+done
+wait
+step "done"
