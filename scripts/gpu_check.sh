@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 G=.devrun/gpu
 if [[ "${1:-}" == "stage" ]]; then  # run: everything; tests-niah: CUDA tests + NIAH on both demo models
   rm -rf "$G" && mkdir -p "$G/libs" "$G/patterns"
-  cp build/duo build/duo_cuda_tests "$G/" && strip "$G/duo" "$G/duo_cuda_tests"
+  for b in duo duo_cuda_tests; do strip -o "$G/$b" "build/$b" && gzip "$G/$b"; done
   git rev-parse --short HEAD > "$G/commit.txt"  # the commit the binaries were built from
   cp -r bench/configs "$G/configs"
   cp bench/baseline_transformers.py "$G/"
@@ -23,9 +23,7 @@ if [[ "${1:-}" == "stage" ]]; then  # run: everything; tests-niah: CUDA tests + 
 fi
 OUT=${OUT:-/tmp/out}
 R=$OUT/results && mkdir -p "$R"
-mkdir -p "$G/lib" && for f in "$G"/libs/*.gz; do gunzip -c "$f" > "$G/lib/$(basename "$f" .gz)"; done
-export LD_LIBRARY_PATH=$PWD/$G/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-export DUO_FIXTURES=$PWD/tests/fixtures  # they travel with the tree
+source scripts/gpu_env.sh
 DUO=$PWD/$G/duo
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$R/card.txt"
 git rev-parse HEAD 2>/dev/null | tee "$R/commit.txt"

@@ -10,9 +10,7 @@ G=.devrun/gpu
 O=${OUT:-/tmp/out}; R=$O/final; mkdir -p "$R"
 trap 'cp "$R/log.txt" "$O/log.txt" 2>/dev/null; tar -C "$O" -cf "$O/final.tar" final; rm -rf "$R"' EXIT
 exec > >(tee -a "$R/log.txt") 2>&1
-mkdir -p "$G/lib" && for f in "$G"/libs/*.gz; do gunzip -c "$f" > "$G/lib/$(basename "$f" .gz)"; done
-export LD_LIBRARY_PATH=$PWD/$G/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-export DUO_FIXTURES=$PWD/tests/fixtures
+source scripts/gpu_env.sh
 DUO=$PWD/$G/duo
 step() { echo "== $1 ($(date +%T))"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -8,9 +8,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 G=.devrun/gpu
 OUT=${OUT:-/tmp/out}; R=$OUT/results; mkdir -p "$R"
-mkdir -p "$G/lib" && for f in "$G"/libs/*.gz; do gunzip -c "$f" > "$G/lib/$(basename "$f" .gz)"; done
-export LD_LIBRARY_PATH=$PWD/$G/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-export DUO_FIXTURES=$PWD/tests/fixtures
+source scripts/gpu_env.sh
 DUO=$PWD/$G/duo
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$R/card.txt"
 git rev-parse HEAD 2>/dev/null | tee "$R/commit.txt"

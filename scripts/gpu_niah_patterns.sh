@@ -6,8 +6,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 G=.devrun/gpu
 OUT=${OUT:-/tmp/out}; R=$OUT/results; mkdir -p "$R"
-mkdir -p "$G/lib" && for f in "$G"/libs/*.gz; do gunzip -c "$f" > "$G/lib/$(basename "$f" .gz)"; done
-export LD_LIBRARY_PATH=$PWD/$G/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+source scripts/gpu_env.sh
 for m in mha gqa; do
   N="-m models/duo-demo-$m --haystack data/haystack --task passkey --lengths 1000,2000,4000,8000,16000 --backend cuda --sink 64 --recent 256"
   for p in gate heuristic random; do
