@@ -65,6 +65,7 @@ bench l3_320k_full 150 $L3 --contexts 320000 --chunk 32768 --decode-steps 5
 bench l3_320k_duo50 120 $L3 --contexts 320000 --chunk 32768 --decode-steps 5 $P3
 
 step "NIAH, most aggressive ratios (gate vs heuristic)"
+pids=()
 for m in mha gqa; do
   [[ $m == mha ]] && sp=0.96875 || sp=0.9375
   for p in gate heuristic; do
@@ -72,8 +73,11 @@ for m in mha gqa; do
       echo "$m $task $p $sp: $(timeout 60 "$DUO" niah -m models/duo-demo-$m --haystack data/haystack \
         --task $task --lengths 1000,2000,4000,8000,16000 --backend cuda --sink 64 --recent 256 \
         --pattern models/duo-demo-$m/pattern-$p --sparsity $sp --json "$R/niah_${m}_${task}_${p}_${sp#0.}.json" | tail -1)" &
+      pids+=($!)
     done
   done
 done
-wait
+# Wait for these jobs only: a bare `wait` also waits for the `exec > >(tee ...)` process
+# substitution above, which never ends (that hung the first run of this script until its timeout).
+wait "${pids[@]}"
 step "done"
