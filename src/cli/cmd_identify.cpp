@@ -157,6 +157,7 @@ void identify_profile(const IdentifyArgs& a) {
           : std::make_unique<cuda::CudaGateModel>(a.model_dir);
   const ModelConfig& cfg = model->config();
   const int64_t weights_bytes = model->device_bytes_in_use();
+  model->set_op_timing(true);  // CUDA events at op-class changes: the per-op breakdown
   gate::AttnWindow w;
   w.kind = gate::WindowKind::kExact;
   w.sink = a.sink;
@@ -188,7 +189,10 @@ void identify_profile(const IdentifyArgs& a) {
       const auto t2 = clock::now();
       check(std::isfinite(r.distill), "profile: the loss is not finite at ", n, " tokens");
       loss = r.distill;
-      if (s == 0) continue;
+      if (s == 0) {
+        model->reset_op_times();
+        continue;
+      }
       teacher_s.push_back(std::chrono::duration<double>(t1 - t0).count());
       student_s.push_back(std::chrono::duration<double>(t2 - t1).count());
       step_s.push_back(std::chrono::duration<double>(t2 - t0).count());
@@ -204,9 +208,33 @@ void identify_profile(const IdentifyArgs& a) {
                 median(teacher_s), median(student_s), static_cast<double>(peak) / (1 << 30),
                 static_cast<double>(driver) / (1 << 30));
     std::fflush(stdout);
+    // Per-op device time, mean over the timed steps, split by pass.
+    const double steps_d = static_cast<double>(a.profile_steps);
+    nlohmann::json breakdown = nlohmann::json::array();
+    double events_total = 0;
+    for (const auto& o : model->op_times())
+      for (double v : o.seconds) events_total += v / steps_d;
+    std::printf("    %-34s %9s %9s %9s %9s %9s %6s\n", "per step (CUDA events), s", "teacher",
+                "student", "recompute", "backward", "total", "share");
+    for (const auto& o : model->op_times()) {
+      double total = 0;
+      nlohmann::json per_pass;
+      for (int p = 0; p < 4; ++p) {
+        total += o.seconds[p] / steps_d;
+        per_pass[cuda::CudaGateModel::kPassNames[p]] = o.seconds[p] / steps_d;
+      }
+      std::printf("    %-34s %9.4f %9.4f %9.4f %9.4f %9.4f %5.1f%%\n", o.op.c_str(),
+                  o.seconds[0] / steps_d, o.seconds[1] / steps_d, o.seconds[2] / steps_d,
+                  o.seconds[3] / steps_d, total, 100.0 * total / std::max(events_total, 1e-30));
+      breakdown.push_back({{"op", o.op}, {"seconds", total}, {"by_pass", per_pass}});
+    }
+    std::printf("    %-34s %49.4f (wall step %.4f)\n", "sum over ops", events_total, step);
+    std::fflush(stdout);
     xs.push_back(static_cast<double>(n));
     ts.push_back(step);
     rows.push_back({{"context", n},
+                    {"op_breakdown_seconds_per_step", breakdown},
+                    {"op_breakdown_sum_seconds", events_total},
                     {"step_seconds_median", step},
                     {"step_seconds", step_s},
                     {"teacher_seconds_median", median(teacher_s)},
@@ -219,6 +247,10 @@ void identify_profile(const IdentifyArgs& a) {
                       {"model", src},
                       {"card", model->device()},
                       {"precision", "bf16 weights and GEMM inputs, fp32 activations"},
+                      {"op_breakdown",
+                       "device time per op class and pass from CUDA events recorded at every "
+                       "change of op class (the gap to the next event counts for the op); mean "
+                       "over the timed steps"},
                       {"sink", a.sink},
                       {"recent", a.recent},
                       {"weights_bytes", weights_bytes},

@@ -78,6 +78,72 @@ class Arena {
   int64_t in_use_ = 0, peak_ = 0;
 };
 
+// Op classes of the per-op timing (CudaGateModel::set_op_timing).
+enum Op : int {
+  kGemm,
+  kConvert,
+  kNorm,
+  kRope,
+  kSwiglu,
+  kResidual,
+  kWindowFwd,
+  kWindowBwd,
+  kTeacherAttn,
+  kMix,
+  kLoss,
+  kOpCount
+};
+constexpr const char* kOpNames[kOpCount] = {"gemm (cuBLAS, bf16 in, fp32 out)",
+                                            "f32->bf16 conversions",
+                                            "rmsnorm fwd/bwd",
+                                            "rope fwd/bwd",
+                                            "swiglu fwd/bwd",
+                                            "embed, residual add, bias",
+                                            "window attention fwd",
+                                            "window attention bwd",
+                                            "teacher attention",
+                                            "gate mix fwd/bwd",
+                                            "loss and copies"};
+enum Pass : int { kTeacher, kStudent, kRecompute, kBackward, kPassCount };
+
+// Events on the stream at every change of op class; elapsed times are summed per (pass, op) at
+// the next synchronisation point (collect). Events are pooled and reused.
+class OpTimer {
+ public:
+  ~OpTimer() {
+    for (cudaEvent_t e : pool_) (void)cudaEventDestroy(e);
+  }
+  bool on = false;
+  // From here until the next mark, the stream runs op `op` of pass `pass` (op < 0: not counted).
+  void mark(int pass, int op, cudaStream_t st) {
+    if (!on) return;
+    const int tag = op < 0 ? -1 : pass * kOpCount + op;
+    if (!tags_.empty() && tags_.back() == tag) return;
+    if (tags_.size() == pool_.size()) {
+      cudaEvent_t e = nullptr;
+      DUO_CUDA_CHECK(cudaEventCreate(&e));
+      pool_.push_back(e);
+    }
+    DUO_CUDA_CHECK(cudaEventRecord(pool_[tags_.size()], st));
+    tags_.push_back(tag);
+  }
+  // After the stream is synchronised (the last mark should be op -1).
+  void collect() {
+    for (size_t i = 0; i + 1 < tags_.size(); ++i) {
+      if (tags_[i] < 0) continue;
+      float ms = 0;
+      DUO_CUDA_CHECK(cudaEventElapsedTime(&ms, pool_[i], pool_[i + 1]));
+      seconds[tags_[i]] += ms * 1e-3;
+    }
+    tags_.clear();
+  }
+  double seconds[static_cast<int>(kPassCount) * static_cast<int>(kOpCount)] = {};
+
+ private:
+  std::vector<cudaEvent_t> pool_;
+  std::vector<int> tags_;
+};
+
 gk::Window to_device_window(const gate::AttnWindow& w) {
   gk::Window d;
   d.kind = w.kind == gate::WindowKind::kFull ? 0 : (w.kind == gate::WindowKind::kExact ? 1 : 2);
@@ -118,7 +184,8 @@ struct CudaGateModel::Impl {
         *g = nullptr, *u = nullptr, *act = nullptr, *y = nullptr, *invf = nullptr, *dx = nullptr,
         *dxn = nullptr, *dq = nullptr, *dk = nullptr, *dv = nullptr, *dt = nullptr, *cosb = nullptr,
         *sinb = nullptr;
-  bf16* conv = nullptr;  // GEMM input in bf16 [cap max(H, qd, I)]
+  bf16* conv = nullptr;   // GEMM input in bf16 [cap max(H, qd, I)]
+  bf16* conv2 = nullptr;  // a second one [cap I]: the SwiGLU backward writes d gate and d up
   bf16 *qb = nullptr, *kb = nullptr, *vb = nullptr, *store_k = nullptr, *store_v = nullptr;
   int32_t* ids = nullptr;
   double *row_loss = nullptr, *total = nullptr, *partial = nullptr, *dgate = nullptr;
@@ -126,6 +193,9 @@ struct CudaGateModel::Impl {
   std::vector<void*> per_n;
   int64_t rope_n = -1;  // the n the rope tables hold
   int64_t teacher_n = 0;
+  OpTimer timer;
+  int pass = kTeacher;
+  void op(int o) { timer.mark(pass, o, st); }
 
   ~Impl() {
     if (st != nullptr) (void)cudaStreamSynchronize(st);
@@ -288,7 +358,7 @@ struct CudaGateModel::Impl {
     f(xs, (L + 1) * nc * H, "layer inputs");
     take(ofull, L * nc * qd * wbytes(), "teacher attention outputs");
     f(t_final, nc * H, "teacher final hidden");
-    f(xn1, nc * H, "xn1");
+    if (!wb) f(xn1, nc * H, "xn1");  // bf16 mode: the norm writes the bf16 GEMM input directly
     f(inv1, nc, "inv1");
     f(q, nc * qd, "q");
     f(k, nc * kd, "k");
@@ -297,7 +367,7 @@ struct CudaGateModel::Impl {
     f(lse, nc * nq, "lse");
     f(mix, nc * qd, "mix");
     f(x1, nc * H, "x1");
-    f(xn2, nc * H, "xn2");
+    if (!wb) f(xn2, nc * H, "xn2");
     f(inv2, nc, "inv2");
     f(g, nc * I, "gate");
     f(u, nc * I, "up");
@@ -314,6 +384,7 @@ struct CudaGateModel::Impl {
     f(sinb, nc * half, "rope sin");
     if (wb) {
       take(conv, nc * std::max({H, qd, I}) * 2, "bf16 GEMM input");
+      take(conv2, nc * I * 2, "second bf16 GEMM input");
       take(qb, nc * qd * 2, "teacher q bf16");
       take(kb, nc * kd * 2, "teacher k bf16");
       take(vb, nc * kd * 2, "teacher v bf16");
@@ -354,25 +425,32 @@ struct CudaGateModel::Impl {
   // The activation x [count] as a GEMM input: rounded to bf16 in bf16 mode.
   const void* gemm_input(const float* x, int64_t count) {
     if (!wb) return x;
+    op(kConvert);
     gk::f32_to_bf16(x, conv, count, st);
     return conv;
   }
+  // Where a kernel writes a GEMM input itself: conv in bf16 mode, else the fp32 buffer.
+  void* gemm_input_dst(float* f32_buffer) { return wb ? static_cast<void*>(conv) : f32_buffer; }
   // y[n, M] = xin[n, K] W[M, K]^T (+ b); xin in the weight type.
   void gemm_fwd(const void* xin, const void* W, const float* b, int64_t n, int64_t K, int64_t M,
                 float* yo) {
     if (n == 0) return;
+    op(kGemm);
     const float one = 1.0f, zero = 0.0f;
     GATE_CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(M),
                                    static_cast<int>(n), static_cast<int>(K), &one, W, wtype(),
                                    static_cast<int>(K), xin, wtype(), static_cast<int>(K), &zero,
                                    yo, CUDA_R_32F, static_cast<int>(M), CUBLAS_COMPUTE_32F,
                                    CUBLAS_GEMM_DEFAULT));
-    if (b != nullptr) gk::add_bias(yo, b, n, M, st);
+    if (b == nullptr) return;
+    op(kResidual);
+    gk::add_bias(yo, b, n, M, st);
   }
   // dx[n, K] (+)= dyin[n, M] W[M, K]; dyin in the weight type.
   void gemm_bwd(const void* dyin, const void* W, int64_t n, int64_t K, int64_t M, float* dxo,
                 bool accumulate) {
     if (n == 0) return;
+    op(kGemm);
     const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
     GATE_CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(K),
                                    static_cast<int>(n), static_cast<int>(M), &one, W, wtype(),
@@ -386,16 +464,18 @@ struct CudaGateModel::Impl {
 
   // Teacher's full causal attention of layer l from the roped q, k and v into O_full[l].
   void teacher_attention(int64_t l, int64_t n) {
-    const int64_t qd = c.q_dim(), kd = c.kv_dim(), d = c.head_dim;
+    const int64_t kd = c.kv_dim(), d = c.head_dim;
+    op(kTeacherAttn);
     if (!wb) {
       gk::window_attention_forward(q, k, v, n, static_cast<int>(c.num_heads),
                                    static_cast<int>(c.num_kv_heads), static_cast<int>(d),
                                    gk::Window{}, static_cast<float*>(ofull_at(l)), lse, st);
       return;
     }
-    gk::f32_to_bf16(q, qb, n * qd, st);
-    gk::f32_to_bf16(k, kb, n * kd, st);
+    // q and k were roped straight into qb and kb (layer_forward).
+    op(kConvert);
     gk::f32_to_bf16(v, vb, n * kd, st);
+    op(kTeacherAttn);
     AttentionParams p{};
     p.q = qb;
     p.k_new = kb;
@@ -433,30 +513,47 @@ struct CudaGateModel::Impl {
     const int64_t H = c.hidden_size, I = c.intermediate_size, qd = c.q_dim(), kd = c.kv_dim();
     const int64_t nq = c.num_heads, nkv = c.num_kv_heads, d = c.head_dim;
     const float eps = static_cast<float>(c.rms_norm_eps);
-    gk::rmsnorm_forward(x_in, W.ln1, eps, n, H, xn1, inv1, st);
-    const void* xin = gemm_input(xn1, n * H);
+    // The normed input, the gate mix and the SwiGLU output only feed GEMMs: in bf16 mode their
+    // kernels write the bf16 GEMM input (conv) directly.
+    op(kNorm);
+    gk::rmsnorm_forward(x_in, W.ln1, eps, n, H, gemm_input_dst(xn1), wb, inv1, st);
+    const void* xin = gemm_input_dst(xn1);
     gemm_fwd(xin, W.wq, W.bq, n, H, qd, q);
     gemm_fwd(xin, W.wk, W.bk, n, H, kd, k);
     gemm_fwd(xin, W.wv, W.bv, n, H, kd, v);
-    gk::rope(q, cosb, sinb, n, nq, d, 1.0f, st);
-    gk::rope(k, cosb, sinb, n, nkv, d, 1.0f, st);
+    op(kRope);
+    if (is_teacher && wb) {  // the tensor-core teacher reads bf16 q and k only
+      gk::rope(q, cosb, sinb, n, nq, d, 1.0f, qb, true, st);
+      gk::rope(k, cosb, sinb, n, nkv, d, 1.0f, kb, true, st);
+    } else {
+      gk::rope(q, cosb, sinb, n, nq, d, 1.0f, q, false, st);
+      gk::rope(k, cosb, sinb, n, nkv, d, 1.0f, k, false, st);
+    }
     if (is_teacher) {
       teacher_attention(l, n);
       gemm_fwd(ofull_at(l), W.wo, W.bo, n, qd, H, x1);  // O_full is already the GEMM's input type
     } else {
+      op(kWindowFwd);
       gk::window_attention_forward(q, k, v, n, static_cast<int>(nq), static_cast<int>(nkv),
                                    static_cast<int>(d), w, attn, lse, st);
-      gk::gate_mix_forward(ofull_at(l), wb, attn, gates + l * nkv, n, nq, nkv, d, mix, st);
-      gemm_fwd(gemm_input(mix, n * qd), W.wo, W.bo, n, qd, H, x1);
+      op(kMix);
+      gk::gate_mix_forward(ofull_at(l), wb, attn, gates + l * nkv, n, nq, nkv, d,
+                           gemm_input_dst(mix), wb, st);
+      gemm_fwd(gemm_input_dst(mix), W.wo, W.bo, n, qd, H, x1);
     }
+    op(kResidual);
     gk::add(x1, x_in, n * H, st);
-    gk::rmsnorm_forward(x1, W.ln2, eps, n, H, xn2, inv2, st);
-    const void* x2in = gemm_input(xn2, n * H);
+    op(kNorm);
+    gk::rmsnorm_forward(x1, W.ln2, eps, n, H, gemm_input_dst(xn2), wb, inv2, st);
+    const void* x2in = gemm_input_dst(xn2);
     gemm_fwd(x2in, W.wg, nullptr, n, H, I, g);
     gemm_fwd(x2in, W.wu, nullptr, n, H, I, u);
-    gk::swiglu_forward(g, u, act, n * I, st);
+    // The backward's recomputation stops here: its SwiGLU backward works from g and u.
     if (x_out == nullptr) return;
-    gemm_fwd(gemm_input(act, n * I), W.wd, nullptr, n, I, H, x_out);
+    op(kSwiglu);
+    gk::swiglu_forward(g, u, gemm_input_dst(act), wb, n * I, st);
+    gemm_fwd(gemm_input_dst(act), W.wd, nullptr, n, I, H, x_out);
+    op(kResidual);
     gk::add(x_out, x1, n * H, st);
   }
 
@@ -471,12 +568,17 @@ struct CudaGateModel::Impl {
     check(n > 0, "teacher pass: empty sequence");
     ensure(n);
     set_ids(tokens);
+    pass = kTeacher;
+    op(kResidual);
     gk::embed(embed, wb, ids, n, c.hidden_size, x_at(0), st);
     for (int64_t l = 0; l < c.num_layers; ++l)
       layer_forward(l, x_at(l), n, true, gk::Window{}, x_at(l + 1));
+    op(kNorm);
     gk::rmsnorm_forward(x_at(c.num_layers), final_norm, static_cast<float>(c.rms_norm_eps), n,
-                        c.hidden_size, t_final, invf, st);
+                        c.hidden_size, t_final, false, invf, st);
+    op(-1);
     DUO_CUDA_CHECK(cudaStreamSynchronize(st));
+    timer.collect();
     teacher_n = n;
   }
 
@@ -490,10 +592,13 @@ struct CudaGateModel::Impl {
           " KV heads");
     set_ids(tokens);
     upload_gates(gv);
+    pass = kStudent;
+    op(kResidual);
     gk::embed(embed, wb, ids, n, c.hidden_size, x_at(0), st);
     for (int64_t l = 0; l < c.num_layers; ++l) layer_forward(l, x_at(l), n, false, w, x_at(l + 1));
+    op(kNorm);
     gk::rmsnorm_forward(x_at(c.num_layers), final_norm, static_cast<float>(c.rms_norm_eps), n,
-                        c.hidden_size, y, invf, st);
+                        c.hidden_size, y, false, invf, st);
   }
 
   gate::StudentResult run_student(std::span<const int32_t> tokens, const std::vector<double>& gv,
@@ -506,44 +611,73 @@ struct CudaGateModel::Impl {
     const gk::Window w = to_device_window(aw);
     student_forward(tokens, gv, w);
     // Loss and dL/dy (into dxn).
+    op(kLoss);
     gk::distill_loss(y, t_final, n, H, label_begin, row_loss, total, dxn, st);
     double loss_sum = 0;
     DUO_CUDA_CHECK(cudaMemcpyAsync(&loss_sum, total, 8, cudaMemcpyDeviceToHost, st));
+    op(-1);
     DUO_CUDA_CHECK(cudaStreamSynchronize(st));
+    timer.collect();
     gate::StudentResult r;
     r.distill = loss_sum / (static_cast<double>(n - label_begin) * static_cast<double>(H));
     if (!backward) return r;
-    gk::rmsnorm_backward(x_at(L), final_norm, invf, dxn, n, H, dx, false, st);
+    // dx, the gradient of the residual stream, stays fp32; in bf16 mode the norm backwards that
+    // make it also write its bf16 copy for the next GEMM into conv2, which nothing else uses
+    // until the SwiGLU backward (the recomputation writes conv).
+    const auto dx_gemm_input = [&]() -> const void* { return wb ? static_cast<void*>(conv2) : dx; };
+    bf16* const dx_bf16 = wb ? conv2 : nullptr;
+    pass = kBackward;
+    op(kNorm);
+    gk::rmsnorm_backward(x_at(L), final_norm, invf, dxn, n, H, dx, false, dx_bf16, st);
     for (int64_t l = L - 1; l >= 0; --l) {
       const Layer& W = layers[static_cast<size_t>(l)];
       const float* x_in = x_at(l);
-      layer_forward(l, x_in, n, false, w, nullptr);
-      // MLP: x_out = x1 + down(swiglu(gate(xn2), up(xn2))); dact into act, dg/du into g/u.
-      gemm_bwd(gemm_input(dx, n * H), W.wd, n, I, H, act, false);
-      gk::swiglu_backward(g, u, act, g, u, n * I, st);
-      gemm_bwd(gemm_input(g, n * I), W.wg, n, H, I, dxn, false);
-      gemm_bwd(gemm_input(u, n * I), W.wu, n, H, I, dxn, true);
-      gk::rmsnorm_backward(x1, W.ln2, inv2, dxn, n, H, dx, true, st);
+      // The last layer's activations are still in the buffers from student_forward (the final
+      // norm and the loss write elsewhere): only the layers below are recomputed.
+      pass = kRecompute;
+      if (l != L - 1) layer_forward(l, x_in, n, false, w, nullptr);
+      pass = kBackward;
+      // MLP: x_out = x1 + down(swiglu(gate(xn2), up(xn2))); dact into act, then dg/du: in place
+      // into g/u (fp32 mode) or as the bf16 GEMM inputs conv/conv2 (their only consumers).
+      gemm_bwd(dx_gemm_input(), W.wd, n, I, H, act, false);
+      void* dg = wb ? static_cast<void*>(conv) : g;
+      void* du = wb ? static_cast<void*>(conv2) : u;
+      op(kSwiglu);
+      gk::swiglu_backward(g, u, act, dg, du, wb, n * I, st);
+      gemm_bwd(dg, W.wg, n, H, I, dxn, false);
+      gemm_bwd(du, W.wu, n, H, I, dxn, true);
+      op(kNorm);
+      gk::rmsnorm_backward(x1, W.ln2, inv2, dxn, n, H, dx, true, dx_bf16, st);
       // Attention: x1 = x_in + o_proj(mix); dmix into mix, then d(student attention) in place.
-      gemm_bwd(gemm_input(dx, n * H), W.wo, n, qd, H, mix, false);
+      gemm_bwd(dx_gemm_input(), W.wo, n, qd, H, mix, false);
+      op(kMix);
       const int64_t blocks = gk::gate_mix_backward(ofull_at(l), wb, attn, gates + l * nkv, mix, n,
                                                    nq, nkv, d, partial, mix, st);
       gk::gate_mix_reduce(partial, blocks, nq, nkv, dgate + l * nkv, st);
       if (l == 0) break;  // nothing upstream of layer 0 is trainable
+      op(kWindowBwd);
       gk::window_attention_backward(q, k, v, attn, lse, mix, n, static_cast<int>(nq),
                                     static_cast<int>(nkv), static_cast<int>(d), w, dq, dk, dv, dt,
                                     st);
-      gk::rope(dq, cosb, sinb, n, nq, d, -1.0f, st);
-      gk::rope(dk, cosb, sinb, n, nkv, d, -1.0f, st);
-      gemm_bwd(gemm_input(dq, n * qd), W.wq, n, H, qd, dxn, false);
-      gemm_bwd(gemm_input(dk, n * kd), W.wk, n, H, kd, dxn, true);
+      // The rotated dq and dk only feed GEMMs: in bf16 mode rope writes the bf16 input (conv).
+      // The stream runs in order, so conv is free again once each GEMM has read it.
+      op(kRope);
+      gk::rope(dq, cosb, sinb, n, nq, d, -1.0f, gemm_input_dst(dq), wb, st);
+      gemm_bwd(gemm_input_dst(dq), W.wq, n, H, qd, dxn, false);
+      op(kRope);
+      gk::rope(dk, cosb, sinb, n, nkv, d, -1.0f, gemm_input_dst(dk), wb, st);
+      gemm_bwd(gemm_input_dst(dk), W.wk, n, H, kd, dxn, true);
       gemm_bwd(gemm_input(dv, n * kd), W.wv, n, H, kd, dxn, true);
-      gk::rmsnorm_backward(x_in, W.ln1, inv1, dxn, n, H, dx, true, st);
+      op(kNorm);
+      gk::rmsnorm_backward(x_in, W.ln1, inv1, dxn, n, H, dx, true, dx_bf16, st);
     }
     r.d_gate.resize(static_cast<size_t>(L * nkv));
+    op(kLoss);
     DUO_CUDA_CHECK(
         cudaMemcpyAsync(r.d_gate.data(), dgate, r.d_gate.size() * 8, cudaMemcpyDeviceToHost, st));
+    op(-1);
     DUO_CUDA_CHECK(cudaStreamSynchronize(st));
+    timer.collect();
     return r;
   }
 
@@ -594,6 +728,21 @@ void CudaGateModel::reset_peak() {
 int64_t CudaGateModel::device_bytes_in_use() const {
   return impl_->mem.in_use();
 }
+void CudaGateModel::set_op_timing(bool on) {
+  impl_->timer.on = on;
+}
+std::vector<CudaGateModel::OpTime> CudaGateModel::op_times() const {
+  std::vector<OpTime> out;
+  for (int o = 0; o < kOpCount; ++o) {
+    OpTime t{kOpNames[o], {}};
+    for (int p = 0; p < kPassCount; ++p) t.seconds[p] = impl_->timer.seconds[p * kOpCount + o];
+    out.push_back(t);
+  }
+  return out;
+}
+void CudaGateModel::reset_op_times() {
+  for (double& x : impl_->timer.seconds) x = 0;
+}
 std::vector<float> CudaGateModel::teacher_hidden() const {
   check(impl_->teacher_n > 0, "teacher_hidden: no teacher pass yet");
   return impl_->download(impl_->t_final, impl_->teacher_n * impl_->c.hidden_size);
@@ -602,7 +751,11 @@ std::vector<float> CudaGateModel::student_hidden(std::span<const int32_t> ids,
                                                  const std::vector<double>& gates,
                                                  const gate::AttnWindow& w) {
   impl_->student_forward(ids, gates, to_device_window(w));
-  return impl_->download(impl_->y, static_cast<int64_t>(ids.size()) * impl_->c.hidden_size);
+  impl_->op(-1);
+  std::vector<float> h =
+      impl_->download(impl_->y, static_cast<int64_t>(ids.size()) * impl_->c.hidden_size);
+  impl_->timer.collect();
+  return h;
 }
 
 // ---- test entry points for the attention kernels ----

@@ -5,8 +5,9 @@
 // Precision (GatePrecision::kBf16, the default):
 //   - the large matrices (embedding, q/k/v/o, gate/up/down) are bf16 on the device: Llama-3-8B
 //     then needs 15 GB instead of 30 GB, and the GEMMs run on tensor cores;
-//   - GEMMs take bf16 inputs (the fp32 activation is rounded to bf16 just before each product)
-//     and accumulate and write fp32;
+//   - GEMMs take bf16 inputs (the fp32 activation rounded to bf16: by the kernel that makes it
+//     when the GEMM is its only consumer, else by a conversion just before the product) and
+//     accumulate and write fp32;
 //   - everything else is fp32 on fp32 activations: the residual stream and the layer inputs kept
 //     for the backward, norms, RoPE, SwiGLU, the student's windowed attention (forward and
 //     backward, own kernels), the gate mix and all gradients; the loss and the gate gradient are
@@ -22,9 +23,9 @@
 // Memory (n tokens, L layers, H hidden, I intermediate, qd = heads * head_dim, kd = KV heads *
 // head_dim; bf16 mode): weights (no LM head; the loss is on hidden states) + layer inputs
 // (L + 1) n H fp32 + teacher O_full L n qd bf16 + teacher final hidden n H fp32 + ONE layer's
-// activations, recomputed per layer in the backward (n (9 H + 3 qd + 4 kd + 3 I) fp32 plus n
-// max(H, qd, I) bf16 for the GEMM inputs). Llama-3-8B at 32K: 15 + 17.7 + 8.6 + 0.5 + about 12
-// GB. Buffers grow to the largest n seen and are reused.
+// activations, recomputed per layer in the backward (n (7 H + 3 qd + 4 kd + 3 I) fp32 plus n
+// (max(H, qd, I) + I) bf16 for the GEMM inputs). Llama-3-8B at 32K: 15 + 17.7 + 8.6 + 0.5 + about
+// 12 GB. Buffers grow to the largest n seen and are reused.
 #pragma once
 
 #include <cstdint>
@@ -70,6 +71,20 @@ class CudaGateModel final : public gate::GateEngine {
                                     const gate::AttnWindow& w);
   // Bytes the model holds now (weights + buffers).
   int64_t device_bytes_in_use() const;
+
+  // Device time per op class and pass, for `duo identify --profile-contexts`: while on, a CUDA
+  // event is recorded on the model's stream wherever the op class changes (none when off, the
+  // default), and the time to the next event is added to that class. Seconds accumulate over
+  // passes until reset_op_times().
+  struct OpTime {
+    std::string op;
+    double seconds[4];  // teacher, student forward, backward recomputation, backward gradients
+  };
+  static constexpr const char* kPassNames[4] = {"teacher", "student_forward", "recompute",
+                                                "backward"};
+  void set_op_timing(bool on);
+  std::vector<OpTime> op_times() const;
+  void reset_op_times();
 
   struct Impl;
 

@@ -2,6 +2,8 @@
 // reductions that feed the loss and the gate gradient are fp64 and in a fixed order.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <initializer_list>
 
 #include "core/error.h"
 #include "cuda/cuda_check.h"
@@ -28,6 +30,13 @@ void check_launch(const char* what) {
   if (e != cudaSuccess) fail("CUDA launch of ", what, " failed: ", cudaGetErrorString(e));
 }
 
+// The 4-wide element-wise kernels load and store 16 (fp32) or 8 (bf16) bytes at a time.
+void check_aligned16(std::initializer_list<const void*> ptrs, const char* what) {
+  for (const void* p : ptrs)
+    check(reinterpret_cast<uintptr_t>(p) % 16 == 0, what, ": pointer ", p,
+          " is not 16-byte aligned");
+}
+
 __device__ __forceinline__ float load_w(const void* p, bool is_bf16, int64_t i) {
   return is_bf16 ? __bfloat162float(static_cast<const bf16*>(p)[i])
                  : static_cast<const float*>(p)[i];
@@ -40,6 +49,29 @@ __device__ __forceinline__ float warp_sum(float v) {
 __device__ __forceinline__ float warp_max(float v) {
   for (int off = 16; off > 0; off /= 2) v = fmaxf(v, __shfl_xor_sync(kFull, v, off));
   return v;
+}
+
+// One output element, fp32 or rounded to bf16 (round to nearest even, like f32_to_bf16).
+__device__ __forceinline__ void store_out(void* p, bool is_bf16, int64_t i, float v) {
+  if (is_bf16)
+    static_cast<bf16*>(p)[i] = __float2bfloat16(v);
+  else
+    static_cast<float*>(p)[i] = v;
+}
+// Four consecutive elements from i (a multiple of 4): one 16-byte (fp32) or 8-byte (bf16) store.
+__device__ __forceinline__ void store_out4(void* p, bool is_bf16, int64_t i, float4 v) {
+  if (is_bf16) {
+    auto bits = [](float f) {
+      return static_cast<unsigned>(__bfloat16_as_ushort(__float2bfloat16(f)));
+    };
+    reinterpret_cast<uint2*>(static_cast<bf16*>(p) + i)[0] =
+        make_uint2(bits(v.x) | bits(v.y) << 16, bits(v.z) | bits(v.w) << 16);
+  } else {
+    reinterpret_cast<float4*>(static_cast<float*>(p) + i)[0] = v;
+  }
+}
+__device__ __forceinline__ float4 load4(const float* p, int64_t i4) {
+  return reinterpret_cast<const float4*>(p)[i4];
 }
 
 // Block-wide sums (blockDim.x a multiple of 32, <= 1024); every thread gets the result.
@@ -68,8 +100,12 @@ __global__ void fill_normal_bf16_kernel(bf16* out, int64_t n, float stddev, uint
 __global__ void fill_f32_kernel(float* out, int64_t n, float v) {
   GRID_STRIDE(i, n) out[i] = v;
 }
+// The element-wise kernels below take 4 elements per thread (16-byte loads; the launchers check
+// 16-byte alignment), then the n % 4 tail.
 __global__ void f32_to_bf16_kernel(const float* in, bf16* out, int64_t n) {
-  GRID_STRIDE(i, n) out[i] = __float2bfloat16(in[i]);
+  const int64_t n4 = n / 4;
+  GRID_STRIDE(i, n4) store_out4(out, true, 4 * i, load4(in, i));
+  GRID_STRIDE(i, n - 4 * n4) out[4 * n4 + i] = __float2bfloat16(in[4 * n4 + i]);
 }
 __global__ void bf16_to_f32_kernel(const bf16* in, float* out, int64_t n) {
   GRID_STRIDE(i, n) out[i] = __bfloat162float(in[i]);
@@ -81,41 +117,78 @@ __global__ void embed_kernel(const void* table, bool tb, const int32_t* ids, int
     out[e] = load_w(table, tb, static_cast<int64_t>(ids[r]) * cols + c);
   }
 }
-__global__ void swiglu_forward_kernel(const float* g, const float* u, float* a, int64_t n) {
-  GRID_STRIDE(i, n) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+__device__ __forceinline__ float silu_mul(float g, float u) {
+  return g / (1.0f + expf(-g)) * u;
 }
-__global__ void swiglu_backward_kernel(const float* g, const float* u, const float* da, float* dg,
-                                       float* du, int64_t n) {
-  GRID_STRIDE(i, n) {
-    const float gi = g[i], ui = u[i], d = da[i];
-    const float s = 1.0f / (1.0f + expf(-gi));
-    du[i] = d * gi * s;
-    dg[i] = d * ui * s * (1.0f + gi * (1.0f - s));
+__global__ void swiglu_forward_kernel(const float* g, const float* u, void* a, bool ab, int64_t n) {
+  const int64_t n4 = n / 4;
+  GRID_STRIDE(i, n4) {
+    const float4 gv = load4(g, i), uv = load4(u, i);
+    store_out4(a, ab, 4 * i,
+               make_float4(silu_mul(gv.x, uv.x), silu_mul(gv.y, uv.y), silu_mul(gv.z, uv.z),
+                           silu_mul(gv.w, uv.w)));
+  }
+  GRID_STRIDE(i, n - 4 * n4) {
+    const int64_t e = 4 * n4 + i;
+    store_out(a, ab, e, silu_mul(g[e], u[e]));
+  }
+}
+// d/dg and d/du of silu(g) u times d.
+__device__ __forceinline__ void swiglu_grad(float gi, float ui, float d, float& dg, float& du) {
+  const float s = 1.0f / (1.0f + expf(-gi));
+  du = d * gi * s;
+  dg = d * ui * s * (1.0f + gi * (1.0f - s));
+}
+__global__ void swiglu_backward_kernel(const float* g, const float* u, const float* da, void* dg,
+                                       void* du, bool ob, int64_t n) {
+  const int64_t n4 = n / 4;
+  GRID_STRIDE(i, n4) {
+    const float4 gv = load4(g, i), uv = load4(u, i), dv = load4(da, i);
+    float4 og, ou;
+    swiglu_grad(gv.x, uv.x, dv.x, og.x, ou.x);
+    swiglu_grad(gv.y, uv.y, dv.y, og.y, ou.y);
+    swiglu_grad(gv.z, uv.z, dv.z, og.z, ou.z);
+    swiglu_grad(gv.w, uv.w, dv.w, og.w, ou.w);
+    store_out4(du, ob, 4 * i, ou);
+    store_out4(dg, ob, 4 * i, og);
+  }
+  GRID_STRIDE(i, n - 4 * n4) {
+    const int64_t e = 4 * n4 + i;
+    float og, ou;
+    swiglu_grad(g[e], u[e], da[e], og, ou);
+    store_out(du, ob, e, ou);
+    store_out(dg, ob, e, og);
   }
 }
 __global__ void add_kernel(float* x, const float* y, int64_t n) {
-  GRID_STRIDE(i, n) x[i] += y[i];
+  const int64_t n4 = n / 4;
+  GRID_STRIDE(i, n4) {
+    const float4 a = load4(x, i), b = load4(y, i);
+    reinterpret_cast<float4*>(x)[i] = make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+  }
+  GRID_STRIDE(i, n - 4 * n4) x[4 * n4 + i] += y[4 * n4 + i];
 }
 __global__ void add_bias_kernel(float* y, const float* b, int64_t rows, int64_t cols) {
   GRID_STRIDE(i, rows * cols) y[i] += b[i % cols];
 }
-__global__ void rope_kernel(float* x, const float* cos, const float* sin, int64_t rows,
-                            int64_t heads, int64_t d, float sign) {
+// out may be x (fp32, in place): each thread reads its pair before writing it.
+__global__ void rope_kernel(const float* x, const float* cos, const float* sin, int64_t rows,
+                            int64_t heads, int64_t d, float sign, void* out, bool ob) {
   const int64_t half = d / 2;
   GRID_STRIDE(e, rows * heads * half) {
     const int64_t i = e % half, th = e / half, t = th / heads;
-    float* v = x + th * d;
+    const float* v = x + th * d;
     const float c = cos[t * half + i], s = sin[t * half + i];
     const float a = v[i], b = v[i + half];
-    v[i] = a * c - sign * b * s;
-    v[i + half] = b * c + sign * a * s;
+    store_out(out, ob, th * d + i, a * c - sign * b * s);
+    store_out(out, ob, th * d + i + half, b * c + sign * a * s);
   }
 }
 
 // ---- row-wise ----
 
 __global__ void rmsnorm_forward_kernel(const float* x, const float* w, float eps, int64_t cols,
-                                       float* y, float* inv) {
+                                       void* y, bool yb, float* inv) {
   const int64_t r = blockIdx.x;
   const float* xr = x + r * cols;
   float ss = 0;
@@ -123,11 +196,13 @@ __global__ void rmsnorm_forward_kernel(const float* x, const float* w, float eps
   ss = block_sum(ss);
   const float rr = 1.0f / sqrtf(ss / static_cast<float>(cols) + eps);
   if (threadIdx.x == 0) inv[r] = rr;
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) y[r * cols + c] = w[c] * (xr[c] * rr);
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
+    store_out(y, yb, r * cols + c, w[c] * (xr[c] * rr));
 }
 
 __global__ void rmsnorm_backward_kernel(const float* x, const float* w, const float* inv,
-                                        const float* dy, int64_t cols, float* dx, bool acc) {
+                                        const float* dy, int64_t cols, float* dx, bool acc,
+                                        bf16* dxb) {
   const int64_t r = blockIdx.x;
   const float* xr = x + r * cols;
   const float* dyr = dy + r * cols;
@@ -138,7 +213,9 @@ __global__ void rmsnorm_backward_kernel(const float* x, const float* w, const fl
   const float k = dot * ri * ri * ri / static_cast<float>(cols);
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
     const float g = ri * w[c] * dyr[c] - xr[c] * k;
-    dx[r * cols + c] = acc ? dx[r * cols + c] + g : g;
+    const float o = acc ? dx[r * cols + c] + g : g;
+    dx[r * cols + c] = o;
+    if (dxb != nullptr) dxb[r * cols + c] = __float2bfloat16(o);
   }
 }
 
@@ -147,10 +224,11 @@ __global__ void rmsnorm_backward_kernel(const float* x, const float* w, const fl
 constexpr int kMixRows = 64;
 
 __global__ void gate_mix_forward_kernel(const void* F, bool fb, const float* S, const float* a,
-                                        int64_t n, int64_t nq, int64_t G, int64_t d, float* M) {
+                                        int64_t n, int64_t nq, int64_t G, int64_t d, void* M,
+                                        bool mb) {
   GRID_STRIDE(e, n * nq * d) {
     const float al = a[(e / d) % nq / G];
-    M[e] = al * load_w(F, fb, e) + (1.0f - al) * S[e];
+    store_out(M, mb, e, al * load_w(F, fb, e) + (1.0f - al) * S[e]);
   }
 }
 
@@ -689,7 +767,8 @@ void fill_f32(float* out, int64_t n, float value, cudaStream_t s) {
   check_launch("fill_f32");
 }
 void f32_to_bf16(const float* in, bf16* out, int64_t n, cudaStream_t s) {
-  f32_to_bf16_kernel<<<grid_for(n, 256), 256, 0, s>>>(in, out, n);
+  check_aligned16({in, out}, "f32_to_bf16");
+  f32_to_bf16_kernel<<<grid_for(n / 4 + 1, 256), 256, 0, s>>>(in, out, n);
   check_launch("f32_to_bf16");
 }
 void bf16_to_f32(const bf16* in, float* out, int64_t n, cudaStream_t s) {
@@ -701,36 +780,44 @@ void embed(const void* table, bool table_bf16, const int32_t* ids, int64_t rows,
   embed_kernel<<<grid_for(rows * cols, 256), 256, 0, s>>>(table, table_bf16, ids, rows, cols, out);
   check_launch("embed");
 }
-void rmsnorm_forward(const float* x, const float* w, float eps, int64_t rows, int64_t cols,
-                     float* y, float* inv, cudaStream_t s) {
+void rmsnorm_forward(const float* x, const float* w, float eps, int64_t rows, int64_t cols, void* y,
+                     bool y_bf16, float* inv, cudaStream_t s) {
   if (rows == 0) return;
-  rmsnorm_forward_kernel<<<static_cast<unsigned>(rows), 256, 0, s>>>(x, w, eps, cols, y, inv);
+  rmsnorm_forward_kernel<<<static_cast<unsigned>(rows), 256, 0, s>>>(x, w, eps, cols, y, y_bf16,
+                                                                     inv);
   check_launch("rmsnorm_forward");
 }
 void rmsnorm_backward(const float* x, const float* w, const float* inv, const float* dy,
-                      int64_t rows, int64_t cols, float* dx, bool accumulate, cudaStream_t s) {
+                      int64_t rows, int64_t cols, float* dx, bool accumulate, bf16* dx_bf16,
+                      cudaStream_t s) {
   if (rows == 0) return;
   rmsnorm_backward_kernel<<<static_cast<unsigned>(rows), 256, 0, s>>>(x, w, inv, dy, cols, dx,
-                                                                      accumulate);
+                                                                      accumulate, dx_bf16);
   check_launch("rmsnorm_backward");
 }
-void rope(float* x, const float* cos, const float* sin, int64_t rows, int64_t heads, int64_t d,
-          float sign, cudaStream_t s) {
+void rope(const float* x, const float* cos, const float* sin, int64_t rows, int64_t heads,
+          int64_t d, float sign, void* out, bool out_bf16, cudaStream_t s) {
   const int64_t n = rows * heads * (d / 2);
-  rope_kernel<<<grid_for(n, 256), 256, 0, s>>>(x, cos, sin, rows, heads, d, sign);
+  rope_kernel<<<grid_for(n, 256), 256, 0, s>>>(x, cos, sin, rows, heads, d, sign, out, out_bf16);
   check_launch("rope");
 }
-void swiglu_forward(const float* g, const float* u, float* a, int64_t n, cudaStream_t s) {
-  swiglu_forward_kernel<<<grid_for(n, 256), 256, 0, s>>>(g, u, a, n);
+void swiglu_forward(const float* g, const float* u, void* a, bool a_bf16, int64_t n,
+                    cudaStream_t s) {
+  check_aligned16({g, u, a}, "swiglu_forward");
+  swiglu_forward_kernel<<<grid_for(n / 4 + 1, 256), 256, 0, s>>>(g, u, a, a_bf16, n);
   check_launch("swiglu_forward");
 }
-void swiglu_backward(const float* g, const float* u, const float* da, float* dg, float* du,
-                     int64_t n, cudaStream_t s) {
-  swiglu_backward_kernel<<<grid_for(n, 256), 256, 0, s>>>(g, u, da, dg, du, n);
+void swiglu_backward(const float* g, const float* u, const float* da, void* dg, void* du,
+                     bool out_bf16, int64_t n, cudaStream_t s) {
+  check_aligned16({g, u, da, dg, du}, "swiglu_backward");
+  check(!out_bf16 || (dg != g && du != u && dg != du),
+        "swiglu_backward: bf16 gradients need their own buffers");
+  swiglu_backward_kernel<<<grid_for(n / 4 + 1, 256), 256, 0, s>>>(g, u, da, dg, du, out_bf16, n);
   check_launch("swiglu_backward");
 }
 void add(float* x, const float* y, int64_t n, cudaStream_t s) {
-  add_kernel<<<grid_for(n, 256), 256, 0, s>>>(x, y, n);
+  check_aligned16({x, y}, "add");
+  add_kernel<<<grid_for(n / 4 + 1, 256), 256, 0, s>>>(x, y, n);
   check_launch("add");
 }
 void add_bias(float* y, const float* b, int64_t rows, int64_t cols, cudaStream_t s) {
@@ -739,9 +826,9 @@ void add_bias(float* y, const float* b, int64_t rows, int64_t cols, cudaStream_t
 }
 
 void gate_mix_forward(const void* F, bool f_bf16, const float* S, const float* a, int64_t n,
-                      int64_t nq, int64_t nkv, int64_t d, float* M, cudaStream_t s) {
+                      int64_t nq, int64_t nkv, int64_t d, void* M, bool m_bf16, cudaStream_t s) {
   gate_mix_forward_kernel<<<grid_for(n * nq * d, 256), 256, 0, s>>>(F, f_bf16, S, a, n, nq,
-                                                                    nq / nkv, d, M);
+                                                                    nq / nkv, d, M, m_bf16);
   check_launch("gate_mix_forward");
 }
 int64_t gate_mix_partial_rows(int64_t n) {

@@ -31,26 +31,32 @@ void bf16_to_f32(const bf16* in, float* out, int64_t n, cudaStream_t s);
 // out[r, :] = table[ids[r], :]
 void embed(const void* table, bool table_bf16, const int32_t* ids, int64_t rows, int64_t cols,
            float* out, cudaStream_t s);
-// y = w * x * inv, inv[r] = 1 / sqrt(mean(x^2) + eps) (fp32 sums)
-void rmsnorm_forward(const float* x, const float* w, float eps, int64_t rows, int64_t cols,
-                     float* y, float* inv, cudaStream_t s);
-// dx (+)= inv w dy - x inv^3 / H * sum(w dy x)
+// y = w * x * inv, inv[r] = 1 / sqrt(mean(x^2) + eps) (fp32 sums); y is fp32, or bf16 (the
+// fp32 value rounded) when y_bf16: a GEMM input needs no separate conversion pass.
+void rmsnorm_forward(const float* x, const float* w, float eps, int64_t rows, int64_t cols, void* y,
+                     bool y_bf16, float* inv, cudaStream_t s);
+// dx (+)= inv w dy - x inv^3 / H * sum(w dy x); when dx_bf16 is not null, the new dx rounded to
+// bf16 goes there too (the next GEMM's input).
 void rmsnorm_backward(const float* x, const float* w, const float* inv, const float* dy,
-                      int64_t rows, int64_t cols, float* dx, bool accumulate, cudaStream_t s);
+                      int64_t rows, int64_t cols, float* dx, bool accumulate, bf16* dx_bf16,
+                      cudaStream_t s);
 // Rotate-half RoPE of `heads` heads of d per row by the angle of row t (sign +1) or its transpose
-// (sign -1); cos/sin tables [rows, d/2].
-void rope(float* x, const float* cos, const float* sin, int64_t rows, int64_t heads, int64_t d,
-          float sign, cudaStream_t s);
-void swiglu_forward(const float* g, const float* u, float* a, int64_t n, cudaStream_t s);
-// In place allowed (dg == g, du == u).
-void swiglu_backward(const float* g, const float* u, const float* da, float* dg, float* du,
-                     int64_t n, cudaStream_t s);
+// (sign -1); cos/sin tables [rows, d/2]. out is fp32 (may be x: in place) or bf16 (out_bf16).
+void rope(const float* x, const float* cos, const float* sin, int64_t rows, int64_t heads,
+          int64_t d, float sign, void* out, bool out_bf16, cudaStream_t s);
+// a = silu(g) u, fp32 or bf16 (a_bf16; the fp32 value rounded).
+void swiglu_forward(const float* g, const float* u, void* a, bool a_bf16, int64_t n,
+                    cudaStream_t s);
+// dg, du fp32 (in place allowed: dg == g, du == u) or bf16 (out_bf16; separate buffers).
+void swiglu_backward(const float* g, const float* u, const float* da, void* dg, void* du,
+                     bool out_bf16, int64_t n, cudaStream_t s);
 void add(float* x, const float* y, int64_t n, cudaStream_t s);
 void add_bias(float* y, const float* b, int64_t rows, int64_t cols, cudaStream_t s);
 
-// M = a[h/G] F + (1 - a[h/G]) S per query head (F: the teacher's output, bf16 or fp32).
+// M = a[h/G] F + (1 - a[h/G]) S per query head (F: the teacher's output, bf16 or fp32; M fp32,
+// or bf16 when m_bf16).
 void gate_mix_forward(const void* F, bool f_bf16, const float* S, const float* a, int64_t n,
-                      int64_t nq, int64_t nkv, int64_t d, float* M, cudaStream_t s);
+                      int64_t nq, int64_t nkv, int64_t d, void* M, bool m_bf16, cudaStream_t s);
 // partial[blk * nq + h] = sum over the block's rows of dM . (F - S) for head h (fp64), and
 // dS = (1 - a) dM (dS may alias dM). Returns the number of row blocks (the partial's rows).
 int64_t gate_mix_backward(const void* F, bool f_bf16, const float* S, const float* a,
