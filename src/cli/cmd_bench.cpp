@@ -13,7 +13,6 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <random>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -21,6 +20,7 @@
 #include "cli/cli_util.h"
 #include "cli/commands.h"
 #include "cli/duo_options.h"
+#include "cli/int_list.h"
 #include "core/error.h"
 #include "core/file_util.h"
 #include "duo/head_pattern.h"
@@ -47,25 +47,6 @@ struct BenchArgs {
   bool no_decode_graph = false;
 };
 
-std::vector<int64_t> parse_contexts(const std::string& s) {
-  std::vector<int64_t> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    size_t pos = 0;
-    int64_t v = 0;
-    try {
-      v = std::stoll(item, &pos);
-    } catch (const std::exception&) {
-      fail("--contexts: '", item, "' is not an integer");
-    }
-    check(pos == item.size() && v > 0, "--contexts: '", item, "' is not a positive integer");
-    out.push_back(v);
-  }
-  check(!out.empty(), "--contexts: no context lengths given");
-  return out;
-}
-
 double median(std::vector<double> v) {
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());
@@ -87,7 +68,7 @@ void run_bench(const BenchArgs& a) {
   check(a.chunk > 0, "--chunk must be positive, got ", a.chunk);
   check(a.decode_steps >= 1, "--decode-steps must be >= 1, got ", a.decode_steps);
   check(a.warmup_steps >= 0, "--warmup-steps must be >= 0");
-  const std::vector<int64_t> contexts = parse_contexts(a.contexts);
+  const std::vector<int64_t> contexts = parse_positive_int_list("--contexts", a.contexts);
 
   const ModelConfig cfg = a.random_weights
                               ? ModelConfig::from_json(read_json_file(a.config_file), a.config_file)

@@ -17,11 +17,11 @@
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
-#include <sstream>
 
 #include "cli/backend_choice.h"
 #include "cli/cli_util.h"
 #include "cli/commands.h"
+#include "cli/int_list.h"
 #include "core/error.h"
 #include "core/file_util.h"
 #include "duo/head_pattern.h"
@@ -90,25 +90,6 @@ std::unique_ptr<gate::GateEngine> make_gate_engine(const std::string& backend,
 #endif
 }
 
-std::vector<int64_t> parse_lengths(const std::string& flag, const std::string& s) {
-  std::vector<int64_t> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    size_t pos = 0;
-    int64_t v = 0;
-    try {
-      v = std::stoll(item, &pos);
-    } catch (const std::exception&) {
-      fail(flag, ": '", item, "' is not an integer");
-    }
-    check(pos == item.size() && v > 0, flag, ": '", item, "' is not a positive integer");
-    out.push_back(v);
-  }
-  check(!out.empty(), flag, ": no lengths given");
-  return out;
-}
-
 // Least-squares fit of t(n) = c0 + c1 n + c2 n^2 (n in thousands of tokens for conditioning).
 std::array<double, 3> fit_quadratic(const std::vector<double>& n, const std::vector<double>& t) {
   double A[3][4] = {};
@@ -145,7 +126,8 @@ void identify_profile(const IdentifyArgs& a) {
   check(!a.random_weights || !a.config_file.empty(), "--random-weights needs --config FILE");
   check(a.profile_steps >= 1, "--profile-steps must be >= 1");
   check(a.ctx_min > 0 && a.ctx_max >= a.ctx_min, "--ctx-min/--ctx-max: need 0 < min <= max");
-  const std::vector<int64_t> contexts = parse_lengths("--profile-contexts", a.profile_contexts);
+  const std::vector<int64_t> contexts =
+      parse_positive_int_list("--profile-contexts", a.profile_contexts);
   check(contexts.size() >= 3 || a.ctx_min == a.ctx_max,
         "--profile-contexts: give at least 3 lengths for the time(n) fit");
   using clock = std::chrono::steady_clock;
