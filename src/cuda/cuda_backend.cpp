@@ -24,6 +24,7 @@
 #include "cuda/attention_naive.h"
 #include "cuda/backend_kernels.h"
 #include "cuda/cuda_check.h"
+#include "cuda/device_memory.h"
 #include "engine/random_fill.h"
 
 namespace duo {
@@ -31,57 +32,11 @@ namespace duo {
 namespace {
 
 using bf16 = __nv_bfloat16;
+using cuda::DeviceMemory;
 
 bf16* bp(const Tensor& t) {
   return static_cast<bf16*>(t.data);
 }
-
-// ---------------------------------------------------------------------------------------------
-// Device memory with accounting
-
-class DeviceMemory {
- public:
-  explicit DeviceMemory(int device) : device_(device) {}
-  void* alloc(int64_t bytes, const char* what) {
-    if (bytes <= 0) bytes = 1;
-    void* p = nullptr;
-    const cudaError_t e = cudaMalloc(&p, static_cast<size_t>(bytes));
-    if (e != cudaSuccess) {
-      (void)cudaGetLastError();
-      size_t free_b = 0, total_b = 0;
-      (void)cudaMemGetInfo(&free_b, &total_b);
-      fail("CUDA device ", device_, " out of memory allocating ", what, ": requested ", bytes,
-           " bytes (", static_cast<double>(bytes) / (1 << 20), " MiB), ", free_b, " bytes (",
-           static_cast<double>(free_b) / (1 << 20), " MiB) free of ", total_b, " (",
-           cudaGetErrorString(e), "); this backend holds ", in_use_, " bytes");
-    }
-    sizes_[p] = bytes;
-    in_use_ += bytes;
-    peak_ = std::max(peak_, in_use_);
-    return p;
-  }
-  void free(void* p) {
-    if (p == nullptr) return;
-    auto it = sizes_.find(p);
-    if (it != sizes_.end()) {
-      in_use_ -= it->second;
-      sizes_.erase(it);
-    }
-    (void)cudaFree(p);
-  }
-  ~DeviceMemory() {
-    for (auto& [p, n] : sizes_) (void)cudaFree(p);
-  }
-  int64_t in_use() const { return in_use_; }
-  int64_t peak() const { return peak_; }
-  void reset_peak() { peak_ = in_use_; }
-
- private:
-  int device_;
-  std::map<void*, int64_t> sizes_;
-  int64_t in_use_ = 0;
-  int64_t peak_ = 0;
-};
 
 // ---------------------------------------------------------------------------------------------
 // KV cache
@@ -243,7 +198,8 @@ class CudaDecodeGraph;
 
 class CudaBackend final : public Backend {
  public:
-  explicit CudaBackend(int device) : device_(device), mem_(device) {
+  explicit CudaBackend(int device)
+      : device_(device), mem_("CUDA device " + std::to_string(device)) {
     int count = 0;
     const cudaError_t e = cudaGetDeviceCount(&count);
     if (e != cudaSuccess || count == 0) {

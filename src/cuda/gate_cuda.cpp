@@ -17,6 +17,7 @@
 #include "cuda/attention.h"
 #include "cuda/attention_naive.h"
 #include "cuda/cuda_check.h"
+#include "cuda/device_memory.h"
 #include "cuda/gate_kernels.h"
 #include "engine/random_fill.h"
 #include "engine/rope.h"
@@ -36,47 +37,6 @@ namespace gk = gate_kernels;
 using bf16 = __nv_bfloat16;
 
 namespace {
-
-// Device allocations with in-use / peak accounting.
-class Arena {
- public:
-  void* alloc(int64_t bytes, const char* what) {
-    if (bytes <= 0) bytes = 16;
-    void* p = nullptr;
-    const cudaError_t e = cudaMalloc(&p, static_cast<size_t>(bytes));
-    if (e != cudaSuccess) {
-      (void)cudaGetLastError();
-      size_t free_b = 0, total_b = 0;
-      (void)cudaMemGetInfo(&free_b, &total_b);
-      fail("gate model: CUDA out of memory allocating ", what, " (", bytes / (1 << 20), " MiB; ",
-           free_b / (1 << 20), " MiB free of ", total_b / (1 << 20), " MiB; the model holds ",
-           in_use_ / (1 << 20), " MiB)");
-    }
-    sizes_[p] = bytes;
-    in_use_ += bytes;
-    peak_ = std::max(peak_, in_use_);
-    return p;
-  }
-  void free(void* p) {
-    if (p == nullptr) return;
-    auto it = sizes_.find(p);
-    if (it != sizes_.end()) {
-      in_use_ -= it->second;
-      sizes_.erase(it);
-    }
-    (void)cudaFree(p);
-  }
-  ~Arena() {
-    for (auto& [p, n] : sizes_) (void)cudaFree(p);
-  }
-  int64_t in_use() const { return in_use_; }
-  int64_t peak() const { return peak_; }
-  void reset_peak() { peak_ = in_use_; }
-
- private:
-  std::map<void*, int64_t> sizes_;
-  int64_t in_use_ = 0, peak_ = 0;
-};
 
 // Op classes of the per-op timing (CudaGateModel::set_op_timing).
 enum Op : int {
@@ -162,7 +122,7 @@ struct CudaGateModel::Impl {
   std::string name;
   cudaStream_t st = nullptr;
   cublasHandle_t blas = nullptr;
-  Arena mem;
+  DeviceMemory mem{"gate model"};
 
   struct Layer {
     float *ln1 = nullptr, *ln2 = nullptr, *bq = nullptr, *bk = nullptr, *bv = nullptr,
