@@ -181,21 +181,7 @@ struct GemmPlan {
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
   cublasLtMatmulAlgo_t algo{};
   bool have_algo = false;
-  std::vector<cublasLtMatmulAlgo_t> candidates;  // heuristic's list, best first (tuning only)
-  bool tuned = false;
 };
-
-// DUO_GEMM_TUNE=1 (experimental, off by default): one-row GEMMs (decode steps) time the
-// heuristic's candidate algorithms once on their real operands and keep the fastest. Off by
-// default because the choice depends on timing noise, so two runs may round differently.
-bool gemm_tuning() {
-  static const bool on = [] {
-    const char* e = std::getenv("DUO_GEMM_TUNE");
-    return e != nullptr && std::string_view(e) == "1";
-  }();
-  return on;
-}
-constexpr int kTuneCandidates = 16;
 
 // ---------------------------------------------------------------------------------------------
 // Pinned host staging
@@ -440,8 +426,6 @@ class CudaBackend final : public Backend {
     if (bptr != nullptr)
       DUO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                                                       &bptr, sizeof(bptr)));
-    if (!plan.tuned && plan.candidates.size() > 1 && capture_ == nullptr)
-      tune_gemm(plan, bp(x), bp(w), bp(out), m, k);
     const float alpha = 1.0f, beta = 0.0f;
     DUO_CUBLAS_CHECK(cublasLtMatmul(lt_, plan.desc, &alpha, bp(w), plan.a, bp(x), plan.b, &beta,
                                     bp(out), plan.c, bp(out), plan.c, &plan.algo, workspace_,
@@ -741,73 +725,17 @@ class CudaBackend final : public Backend {
         pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof(al_c)));
     DUO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
         pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof(al_c)));
-    const bool tune = gemm_tuning() && n == 1;
-    cublasLtMatmulHeuristicResult_t results[kTuneCandidates]{};
+    cublasLtMatmulHeuristicResult_t result{};
     int found = 0;
-    const cublasStatus_t st =
-        cublasLtMatmulAlgoGetHeuristic(lt_, plan.desc, plan.a, plan.b, plan.c, plan.c, pref,
-                                       tune ? kTuneCandidates : 1, results, &found);
+    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt_, plan.desc, plan.a, plan.b, plan.c,
+                                                             plan.c, pref, 1, &result, &found);
     (void)cublasLtMatmulPreferenceDestroy(pref);
-    if (st == CUBLAS_STATUS_SUCCESS) {
-      for (int i = 0; i < found; ++i) {
-        if (results[i].state != CUBLAS_STATUS_SUCCESS) continue;
-        if (!plan.have_algo) plan.algo = results[i].algo;
-        plan.have_algo = true;
-        if (tune) plan.candidates.push_back(results[i].algo);
-      }
+    if (st == CUBLAS_STATUS_SUCCESS && found > 0 && result.state == CUBLAS_STATUS_SUCCESS) {
+      plan.algo = result.algo;
+      plan.have_algo = true;
     }
     return plans_.emplace(key, plan).first->second;
   }
-  // DUO_GEMM_TUNE: times each candidate of `plan` on these operands with a cold L2 (a 256 MiB
-  // buffer cleared before every run; the weights of a decode step are read once, from DRAM),
-  // median of 7 runs, and keeps the fastest. Prints the choice to stderr.
-  void tune_gemm(GemmPlan& plan, const bf16* x, const bf16* w, bf16* out, int64_t m, int64_t k) {
-    plan.tuned = true;
-    constexpr int64_t kFlushBytes = int64_t{256} << 20;
-    constexpr int kRuns = 7;
-    void* flush = mem_.alloc(kFlushBytes, "GEMM tuning L2 flush");
-    cudaEvent_t t0 = nullptr, t1 = nullptr;
-    DUO_CUDA_CHECK(cudaEventCreate(&t0));
-    DUO_CUDA_CHECK(cudaEventCreate(&t1));
-    const float alpha = 1.0f, beta = 0.0f;
-    std::vector<float> median_us;
-    for (const cublasLtMatmulAlgo_t& algo : plan.candidates) {
-      std::vector<float> us;
-      for (int r = 0; r < kRuns + 1 && us.size() < static_cast<size_t>(kRuns); ++r) {
-        DUO_CUDA_CHECK(cudaMemsetAsync(flush, r, static_cast<size_t>(kFlushBytes), stream_));
-        DUO_CUDA_CHECK(cudaEventRecord(t0, stream_));
-        const cublasStatus_t st = cublasLtMatmul(lt_, plan.desc, &alpha, w, plan.a, x, plan.b,
-                                                 &beta, out, plan.c, out, plan.c, &algo, workspace_,
-                                                 static_cast<size_t>(workspace_bytes_), stream_);
-        DUO_CUDA_CHECK(cudaEventRecord(t1, stream_));
-        DUO_CUDA_CHECK(cudaEventSynchronize(t1));
-        if (st != CUBLAS_STATUS_SUCCESS) break;
-        float ms = 0.0f;
-        DUO_CUDA_CHECK(cudaEventElapsedTime(&ms, t0, t1));
-        if (r > 0) us.push_back(ms * 1000.0f);  // run 0 warms up
-      }
-      if (us.size() < static_cast<size_t>(kRuns)) {
-        median_us.push_back(INFINITY);
-        continue;
-      }
-      std::sort(us.begin(), us.end());
-      median_us.push_back(us[kRuns / 2]);
-    }
-    (void)cudaEventDestroy(t0);
-    (void)cudaEventDestroy(t1);
-    mem_.free(flush);
-    const size_t best = static_cast<size_t>(std::min_element(median_us.begin(), median_us.end()) -
-                                            median_us.begin());
-    if (std::isfinite(median_us[best])) plan.algo = plan.candidates[best];
-    const double gb = static_cast<double>(m) * static_cast<double>(k) * 2.0 / 1e9;
-    std::fprintf(
-        stderr,
-        "gemm tune 1 x %lld x %lld: heuristic %.1f us, best %.1f us (candidate %zu of %zu, "
-        "%.2f TB/s weights)\n",
-        static_cast<long long>(m), static_cast<long long>(k), median_us[0], median_us[best], best,
-        median_us.size(), gb / (median_us[best] * 1e-6) / 1e3);
-  }
-
   static void destroy_plan(GemmPlan& p) {
     if (p.a) (void)cublasLtMatrixLayoutDestroy(p.a);
     if (p.b) (void)cublasLtMatrixLayoutDestroy(p.b);
