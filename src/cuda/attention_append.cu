@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "cuda/attention_internal.cuh"
 #include "cuda/cuda_check.h"
+#include "cuda/pdl.cuh"
 
 namespace duo::cuda {
 namespace detail {
@@ -16,6 +17,8 @@ namespace {
 
 // grid.x covers n * heads * (D/8) chunks; `streaming` selects which heads / rows.
 __global__ void append_kernel(const KArgs a, int head_dim, bool streaming, bf16* dk, bf16* dv) {
+  pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
+  pdl_launch_dependents();
   const int cpr = head_dim / 8;
   const int first = streaming ? a.num_retrieval : 0;
   const int heads = streaming ? a.num_kv_heads - a.num_retrieval : a.num_retrieval;
@@ -58,9 +61,8 @@ void launch_append(const AttentionParams& p, bool streaming, bf16* dk, bf16* dv,
   const int threads = 256;
   int64_t blocks = (total + threads - 1) / threads;
   if (blocks > 65535) blocks = 65535;  // grid-stride loop covers the rest
-  append_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(make_kargs(p), p.head_dim,
-                                                                       streaming, dk, dv);
-  DUO_CUDA_CHECK(cudaGetLastError());
+  launch_pdl(append_kernel, static_cast<unsigned>(blocks), threads, 0, stream, make_kargs(p),
+             p.head_dim, streaming, dk, dv);
 }
 
 }  // namespace

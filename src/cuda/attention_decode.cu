@@ -11,6 +11,9 @@
 // independent 16-byte loads in flight per thread), fp32 online softmax per lane-group, then the
 // block combines its lane-groups and writes (o unnormalised, m, l) per query head to the workspace.
 // Merge kernel: one block per query head, one thread per dim; log-sum-exp over the used splits.
+// attention_append_streaming() folds the streaming-store append of the new token into the merge
+// kernel (the split kernel, the only reader of that store, has completed by then).
+// Both kernels start with programmatic dependent launch (cuda/pdl.cuh).
 //
 // CUDA graphs: p0 may be read from device memory (AttentionParams::p0_device); the grid depends on
 // (capacity, SM count, workspace size, heads, kernel occupancy) only, never on p0, and no host
@@ -27,6 +30,7 @@
 #include "core/error.h"
 #include "cuda/attention_internal.cuh"
 #include "cuda/cuda_check.h"
+#include "cuda/pdl.cuh"
 
 namespace duo::cuda {
 namespace detail {
@@ -83,6 +87,8 @@ __device__ __forceinline__ void bf16x8_to_float(const uint4& u, float* f) {
 template <int D, int G>
 __global__ void __launch_bounds__(kDecodeThreads)
     decode_split_kernel(const KArgs a, float* ws, int splits) {
+  pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
+  pdl_launch_dependents();
   constexpr int LPK = D / 8;     // lanes per key
   constexpr int KPW = 32 / LPK;  // keys per warp step
   constexpr int WARPS = kDecodeThreads / 32;
@@ -261,8 +267,10 @@ __global__ void __launch_bounds__(kDecodeThreads)
 }
 
 template <int D>
-__global__ void __launch_bounds__(D)
-    decode_merge_kernel(const KArgs a, const float* ws, int splits) {
+__global__ void __launch_bounds__(D) decode_merge_kernel(const KArgs a, const float* ws, int splits,
+                                                         bf16* append_k, bf16* append_v) {
+  pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
+  pdl_launch_dependents();
   constexpr int W = D / 32;
   __shared__ float wgt[kMaxSplits];
   __shared__ float red[2][W];
@@ -313,6 +321,17 @@ __global__ void __launch_bounds__(D)
   for (; s < used; ++s) acc0 += wgt[s] * base_ptr[s * stride + d];
   const float acc = (acc0 + acc1) + (acc2 + acc3);
   a.out[static_cast<int64_t>(h) * D + d] = __float2bfloat16(lsum > 0.f ? acc / lsum : 0.f);
+  // append_streaming for the one new token (position p0): the first query head of each streaming
+  // KV head copies its K/V row into the slot, if the token stays held (as append_kernel).
+  if (append_k != nullptr && !retrieval && h % a.group == 0 && (p0 < a.S || a.R > 0)) {
+    const int64_t slot = ::duo::streaming_slot(p0, a.S, a.R);
+    if (slot >= 0 && slot < a.slots) {
+      const int64_t dst = (static_cast<int64_t>(g - a.num_retrieval) * a.slots + slot) * D + d;
+      const int64_t src = static_cast<int64_t>(g) * D + d;
+      append_k[dst] = a.k_new[src];
+      append_v[dst] = a.v_new[src];
+    }
+  }
 }
 
 // Occupancy of one decode kernel instantiation (blocks per SM), cached. Queried (no-throw) once
@@ -358,7 +377,8 @@ int forced_splits() {
 }
 
 template <int D, int G>
-void launch_decode_g(const KArgs& a, float* ws, int64_t max_splits, cudaStream_t stream) {
+void launch_decode_g(const KArgs& a, float* ws, int64_t max_splits, bf16* append_k, bf16* append_v,
+                     cudaStream_t stream) {
   const int head_tiles = a.group / G;
   // Split count: one full wave of blocks over the heads that carry long contexts (retrieval
   // heads; streaming blocks finish at once), capped by the workspace / preferred count. The grid
@@ -370,22 +390,47 @@ void launch_decode_g(const KArgs& a, float* ws, int64_t max_splits, cudaStream_t
   splits = std::max<int64_t>(1, std::min(splits, max_splits));
   const dim3 grid(static_cast<unsigned>(splits),
                   static_cast<unsigned>(a.num_kv_heads * head_tiles));
-  decode_split_kernel<D, G><<<grid, kDecodeThreads, 0, stream>>>(a, ws, static_cast<int>(splits));
-  DUO_CUDA_CHECK(cudaGetLastError());
-  decode_merge_kernel<D><<<a.num_heads, D, 0, stream>>>(a, ws, static_cast<int>(splits));
-  DUO_CUDA_CHECK(cudaGetLastError());
+  launch_pdl(decode_split_kernel<D, G>, grid, kDecodeThreads, 0, stream, a, ws,
+             static_cast<int>(splits));
+  launch_pdl(decode_merge_kernel<D>, static_cast<unsigned>(a.num_heads), D, 0, stream, a, ws,
+             static_cast<int>(splits), append_k, append_v);
 }
 
 template <int D>
-void launch_decode(const KArgs& a, float* ws, int64_t max_splits, cudaStream_t stream) {
+void launch_decode(const KArgs& a, float* ws, int64_t max_splits, bf16* append_k, bf16* append_v,
+                   cudaStream_t stream) {
   if (a.group % 8 == 0)
-    launch_decode_g<D, 8>(a, ws, max_splits, stream);
+    launch_decode_g<D, 8>(a, ws, max_splits, append_k, append_v, stream);
   else if (a.group % 4 == 0)
-    launch_decode_g<D, 4>(a, ws, max_splits, stream);
+    launch_decode_g<D, 4>(a, ws, max_splits, append_k, append_v, stream);
   else if (a.group % 2 == 0)
-    launch_decode_g<D, 2>(a, ws, max_splits, stream);
+    launch_decode_g<D, 2>(a, ws, max_splits, append_k, append_v, stream);
   else
-    launch_decode_g<D, 1>(a, ws, max_splits, stream);
+    launch_decode_g<D, 1>(a, ws, max_splits, append_k, append_v, stream);
+}
+
+// attention(); with append_k / append_v set (streaming store), the split-KV decode path also
+// appends the new token there in its merge kernel. Returns whether it did.
+bool run_attention(const AttentionParams& p, bf16* append_k, bf16* append_v, cudaStream_t stream) {
+  validate(p, true);
+  if (p.n == 0) return false;
+  const KArgs a = make_kargs(p);
+  if (p.n == 1 && p.workspace != nullptr) {
+    const int64_t per_split = static_cast<int64_t>(p.num_heads) * (p.head_dim + 2) * 4;
+    const int64_t fit = p.workspace_bytes / per_split;
+    const int64_t splits = std::min<int64_t>(fit, preferred_splits(p.capacity, device_num_sms()));
+    if (splits >= 1) {
+      check((reinterpret_cast<uintptr_t>(p.workspace) & 15u) == 0,
+            "attention: workspace not 16-byte aligned");
+      if (p.head_dim == 128)
+        launch_decode<128>(a, p.workspace, splits, append_k, append_v, stream);
+      else
+        launch_decode<64>(a, p.workspace, splits, append_k, append_v, stream);
+      return append_k != nullptr;
+    }
+  }
+  launch_prefill(a, p.head_dim, stream);
+  return false;
 }
 
 }  // namespace
@@ -480,25 +525,18 @@ int64_t attention_workspace_bytes(int64_t /*n*/, int num_heads, int head_dim, in
 }
 
 void attention(const AttentionParams& p, cudaStream_t stream) {
-  detail::validate(p, true);
-  if (p.n == 0) return;
-  const detail::KArgs a = detail::make_kargs(p);
-  if (p.n == 1 && p.workspace != nullptr) {
-    const int64_t per_split = static_cast<int64_t>(p.num_heads) * (p.head_dim + 2) * 4;
-    const int64_t fit = p.workspace_bytes / per_split;
-    const int64_t splits =
-        std::min<int64_t>(fit, detail::preferred_splits(p.capacity, detail::device_num_sms()));
-    if (splits >= 1) {
-      check((reinterpret_cast<uintptr_t>(p.workspace) & 15u) == 0,
-            "attention: workspace not 16-byte aligned");
-      if (p.head_dim == 128)
-        detail::launch_decode<128>(a, p.workspace, splits, stream);
-      else
-        detail::launch_decode<64>(a, p.workspace, splits, stream);
-      return;
-    }
-  }
-  detail::launch_prefill(a, p.head_dim, stream);
+  (void)detail::run_attention(p, nullptr, nullptr, stream);
+}
+
+void attention_append_streaming(const AttentionParams& p, __nv_bfloat16* streaming_k,
+                                __nv_bfloat16* streaming_v, cudaStream_t stream) {
+  const bool has_streaming = p.num_retrieval < p.num_kv_heads && p.slots > 0;
+  if (has_streaming)
+    check(streaming_k != nullptr && streaming_v != nullptr,
+          "attention_append_streaming: streaming store missing");
+  const bool appended = detail::run_attention(p, has_streaming ? streaming_k : nullptr,
+                                              has_streaming ? streaming_v : nullptr, stream);
+  if (!appended) append_streaming(p, streaming_k, streaming_v, stream);
 }
 
 }  // namespace duo::cuda

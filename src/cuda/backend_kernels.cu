@@ -6,6 +6,7 @@
 #include "core/error.h"
 #include "cuda/backend_kernels.h"
 #include "cuda/cuda_check.h"
+#include "cuda/pdl.cuh"
 #include "engine/random_fill.h"
 
 namespace duo::cuda::kernels {
@@ -37,6 +38,8 @@ __global__ void f32_to_bf16_kernel(const float* in, bf16* out, int64_t n) {
 }
 
 __global__ void embed_kernel(const bf16* table, int64_t cols, const int32_t* tokens, bf16* out) {
+  pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
+  pdl_launch_dependents();
   const int64_t r = blockIdx.x;
   const bf16* src = table + static_cast<int64_t>(tokens[r]) * cols;
   bf16* dst = out + r * cols;
@@ -58,6 +61,8 @@ __device__ float block_sum(float v) {
 }
 
 __global__ void rmsnorm_kernel(const bf16* x, const bf16* w, float eps, int64_t cols, bf16* out) {
+  pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
+  pdl_launch_dependents();
   const int64_t r = blockIdx.x;
   const bf16* xr = x + r * cols;
   float ss = 0.0f;
@@ -77,6 +82,8 @@ __global__ void rmsnorm_kernel(const bf16* x, const bf16* w, float eps, int64_t 
 // rmsnorm_kernel, so the result is bitwise that of the two kernels.
 __global__ void add_rmsnorm_kernel(bf16* x, const bf16* y, const bf16* w, float eps, int64_t cols,
                                    bf16* out) {
+  pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
+  pdl_launch_dependents();
   const int64_t r = blockIdx.x;
   bf16* xr = x + r * cols;
   const bf16* yr = y + r * cols;
@@ -103,13 +110,10 @@ __global__ void add_rmsnorm_kernel(bf16* x, const bf16* y, const bf16* w, float 
 // ~1e-7..1e-6 absolute for the large angles of long contexts (pos up to 1e6, angle = pos * 1).
 // The rotation is fp32 and the result is rounded to bf16 (2^-9 relative), which dominates:
 // measured NMSE vs the CPU <= 3.1e-6 (and exactly 0 on the 1-row cases).
-__global__ void rope_kernel(bf16* x, int64_t cols, int heads, int head_dim,
-                            const int64_t* positions, const float* inv_freq,
-                            float attention_scaling) {
-  extern __shared__ float cs[];  // [half] cos, then [half] sin
-  const int half = head_dim / 2;
-  const int64_t r = blockIdx.x;
-  const float pos = static_cast<float>(positions[r]);
+// cos / sin of angle pos * inv_freq[i], i < half, times attention_scaling, into cs[i] / cs[half +
+// i] (block-cooperative; ends with __syncthreads()).
+__device__ void rope_table(float* cs, int half, float pos, const float* inv_freq,
+                           float attention_scaling) {
   for (int i = threadIdx.x; i < half; i += blockDim.x) {
     const float angle = pos * inv_freq[i];
     double s, c;
@@ -118,18 +122,78 @@ __global__ void rope_kernel(bf16* x, int64_t cols, int heads, int head_dim,
     cs[half + i] = static_cast<float>(s) * attention_scaling;
   }
   __syncthreads();
+}
+
+// Rotates the pair (i, i + half) of one head in place; returns the stored (bf16) values.
+__device__ __forceinline__ __nv_bfloat162 rope_pair(bf16* hx, int i, int half, const float* cs) {
+  const float a = __bfloat162float(hx[i]), b = __bfloat162float(hx[i + half]);
+  const bf16 lo = __float2bfloat16(a * cs[i] - b * cs[half + i]);
+  const bf16 hi = __float2bfloat16(b * cs[i] + a * cs[half + i]);
+  hx[i] = lo;
+  hx[i + half] = hi;
+  return __halves2bfloat162(lo, hi);
+}
+
+// One block per row: cos/sin of the row's position for each frequency (angle in fp32 exactly as
+// the CPU: float(pos) * inv_freq[i]; cos/sin evaluated in double and rounded to float, as the CPU's
+// std::cos(double)), then every head of the row rotated (rotate-half pairs (i, i + d/2)).
+// Error vs the CPU: the angle is the same fp32 number; CUDA's double sincos is within 1-2 double
+// ulps, so the fp32 cos/sin differ from the CPU's only when that lands on a float rounding
+// boundary (at most 1 fp32 ulp, i.e. <= 6e-8 relative). fp32 cosf/sinf would instead err by
+// ~1e-7..1e-6 absolute for the large angles of long contexts (pos up to 1e6, angle = pos * 1).
+// The rotation is fp32 and the result is rounded to bf16 (2^-9 relative), which dominates:
+// measured NMSE vs the CPU <= 3.1e-6 (and exactly 0 on the 1-row cases).
+__global__ void rope_kernel(bf16* x, int64_t cols, int heads, int head_dim,
+                            const int64_t* positions, const float* inv_freq,
+                            float attention_scaling) {
+  pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
+  pdl_launch_dependents();
+  extern __shared__ float cs[];  // [half] cos, then [half] sin
+  const int half = head_dim / 2;
+  const int64_t r = blockIdx.x;
+  rope_table(cs, half, static_cast<float>(positions[r]), inv_freq, attention_scaling);
   bf16* row = x + r * cols;
   const int total = heads * half;
   for (int e = threadIdx.x; e < total; e += blockDim.x) {
     const int h = e / half, i = e % half;
-    bf16* hx = row + static_cast<int64_t>(h) * head_dim;
-    const float a = __bfloat162float(hx[i]), b = __bfloat162float(hx[i + half]);
-    hx[i] = __float2bfloat16(a * cs[i] - b * cs[half + i]);
-    hx[i + half] = __float2bfloat16(b * cs[i] + a * cs[half + i]);
+    rope_pair(row + static_cast<int64_t>(h) * head_dim, i, half, cs);
+  }
+}
+
+// rope_kernel on the query and key heads of one decode row qkv [(q_heads + 2 kv_heads) head_dim]
+// (same arithmetic), then append_retrieval of that token: the rotated keys and the values of KV
+// heads [0, retrieval) go to row *position of rk / rv [retrieval][capacity][head_dim].
+__global__ void rope_append_kernel(bf16* qkv, int q_heads, int kv_heads, int head_dim,
+                                   const int64_t* position, const float* inv_freq,
+                                   float attention_scaling, int retrieval, int64_t capacity,
+                                   bf16* rk, bf16* rv) {
+  pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
+  pdl_launch_dependents();
+  extern __shared__ float cs[];  // [half] cos, then [half] sin
+  const int half = head_dim / 2;
+  const int64_t pos = *position;
+  rope_table(cs, half, static_cast<float>(pos), inv_freq, attention_scaling);
+  const int total = (q_heads + kv_heads) * half;
+  for (int e = threadIdx.x; e < total; e += blockDim.x) {
+    const int h = e / half, i = e % half;
+    const __nv_bfloat162 r = rope_pair(qkv + static_cast<int64_t>(h) * head_dim, i, half, cs);
+    const int g = h - q_heads;
+    if (g >= 0 && g < retrieval) {
+      bf16* dst = rk + (static_cast<int64_t>(g) * capacity + pos) * head_dim;
+      dst[i] = r.x;
+      dst[i + half] = r.y;
+    }
+  }
+  const bf16* v = qkv + static_cast<int64_t>(q_heads + kv_heads) * head_dim;
+  for (int e = threadIdx.x; e < retrieval * head_dim; e += blockDim.x) {
+    const int g = e / head_dim, c = e % head_dim;
+    rv[(static_cast<int64_t>(g) * capacity + pos) * head_dim + c] = v[e];
   }
 }
 
 __global__ void swiglu_kernel(const bf16* gate, const bf16* up, bf16* out, int64_t n) {
+  pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
+  pdl_launch_dependents();
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float g = __bfloat162float(gate[i]);
@@ -138,6 +202,8 @@ __global__ void swiglu_kernel(const bf16* gate, const bf16* up, bf16* out, int64
 }
 
 __global__ void add_kernel(bf16* x, const bf16* y, int64_t n) {
+  pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
+  pdl_launch_dependents();
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     x[i] = __float2bfloat16(__bfloat162float(x[i]) + __bfloat162float(y[i]));
@@ -177,6 +243,8 @@ __device__ __forceinline__ bool beats(float av, int64_t ai, float bv, int64_t bi
 
 // One block per row: each thread scans a strided share, then warp and block reductions.
 __global__ void argmax_kernel(const bf16* x, int64_t cols, int32_t* out) {
+  pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
+  pdl_launch_dependents();
   const bf16* row = x + static_cast<int64_t>(blockIdx.x) * cols;
   float best = -INFINITY;
   int64_t bi = kNone;
@@ -219,8 +287,7 @@ void argmax_rows(const bf16* x, int64_t rows, int64_t cols, int32_t* out, cudaSt
   if (rows <= 0) return;
   check(cols > 0 && cols <= 0x7fffffff && rows <= 0x7fffffff, "argmax: bad shape ", rows, " x ",
         cols);
-  argmax_kernel<<<static_cast<unsigned>(rows), 1024, 0, stream>>>(x, cols, out);
-  DUO_CUDA_CHECK(cudaGetLastError());
+  launch_pdl(argmax_kernel, static_cast<unsigned>(rows), 1024, 0, stream, x, cols, out);
 }
 
 void fill_normal(bf16* out, int64_t n, float stddev, uint64_t seed, cudaStream_t stream) {
@@ -245,24 +312,22 @@ void embed(const bf16* table, int64_t cols, const int32_t* tokens, int64_t rows,
            cudaStream_t stream) {
   if (rows <= 0) return;
   check(rows <= 0x7fffffff, "embed: too many rows");
-  embed_kernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(table, cols, tokens, out);
-  DUO_CUDA_CHECK(cudaGetLastError());
+  launch_pdl(embed_kernel, static_cast<unsigned>(rows), 256, 0, stream, table, cols, tokens, out);
 }
 
 void rmsnorm(const bf16* x, const bf16* w, float eps, int64_t rows, int64_t cols, bf16* out,
              cudaStream_t stream) {
   if (rows <= 0) return;
   check(rows <= 0x7fffffff, "rmsnorm: too many rows");
-  rmsnorm_kernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(x, w, eps, cols, out);
-  DUO_CUDA_CHECK(cudaGetLastError());
+  launch_pdl(rmsnorm_kernel, static_cast<unsigned>(rows), 256, 0, stream, x, w, eps, cols, out);
 }
 
 void add_rmsnorm(bf16* x, const bf16* y, const bf16* w, float eps, int64_t rows, int64_t cols,
                  bf16* out, cudaStream_t stream) {
   if (rows <= 0) return;
   check(rows <= 0x7fffffff, "add_rmsnorm: too many rows");
-  add_rmsnorm_kernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(x, y, w, eps, cols, out);
-  DUO_CUDA_CHECK(cudaGetLastError());
+  launch_pdl(add_rmsnorm_kernel, static_cast<unsigned>(rows), 256, 0, stream, x, y, w, eps, cols,
+             out);
 }
 
 void rope(bf16* x, int64_t rows, int64_t cols, int heads, int head_dim, const int64_t* positions,
@@ -270,21 +335,31 @@ void rope(bf16* x, int64_t rows, int64_t cols, int heads, int head_dim, const in
   if (rows <= 0) return;
   check(rows <= 0x7fffffff, "rope: too many rows");
   const size_t smem = static_cast<size_t>(head_dim) * sizeof(float);
-  rope_kernel<<<static_cast<unsigned>(rows), 256, smem, stream>>>(
-      x, cols, heads, head_dim, positions, inv_freq, attention_scaling);
-  DUO_CUDA_CHECK(cudaGetLastError());
+  launch_pdl(rope_kernel, static_cast<unsigned>(rows), 256, smem, stream, x, cols, heads, head_dim,
+             positions, inv_freq, attention_scaling);
+}
+
+void rope_append_retrieval(bf16* qkv, int q_heads, int kv_heads, int head_dim,
+                           const int64_t* position, const float* inv_freq, float attention_scaling,
+                           int retrieval, int64_t capacity, bf16* retrieval_k, bf16* retrieval_v,
+                           cudaStream_t stream) {
+  check(retrieval >= 0 && retrieval <= kv_heads && head_dim % 2 == 0,
+        "rope_append_retrieval: bad shape");
+  check(retrieval == 0 || (retrieval_k != nullptr && retrieval_v != nullptr),
+        "rope_append_retrieval: retrieval store missing");
+  const size_t smem = static_cast<size_t>(head_dim) * sizeof(float);
+  launch_pdl(rope_append_kernel, 1, 256, smem, stream, qkv, q_heads, kv_heads, head_dim, position,
+             inv_freq, attention_scaling, retrieval, capacity, retrieval_k, retrieval_v);
 }
 
 void swiglu(const bf16* gate, const bf16* up, bf16* out, int64_t n, cudaStream_t stream) {
   if (n <= 0) return;
-  swiglu_kernel<<<grid_for(n, 256), 256, 0, stream>>>(gate, up, out, n);
-  DUO_CUDA_CHECK(cudaGetLastError());
+  launch_pdl(swiglu_kernel, grid_for(n, 256), 256, 0, stream, gate, up, out, n);
 }
 
 void add(bf16* x, const bf16* y, int64_t n, cudaStream_t stream) {
   if (n <= 0) return;
-  add_kernel<<<grid_for(n, 256), 256, 0, stream>>>(x, y, n);
-  DUO_CUDA_CHECK(cudaGetLastError());
+  launch_pdl(add_kernel, grid_for(n, 256), 256, 0, stream, x, y, n);
 }
 
 void linear_fallback(const bf16* x, const bf16* w, const bf16* bias, bf16* out, int64_t n,

@@ -26,6 +26,14 @@ void rmsnorm(const bf16* x, const bf16* w, float eps, int64_t rows, int64_t cols
 // Rotates `heads` heads of each row at positions[r] (device), inv_freq[head_dim/2] (device).
 void rope(bf16* x, int64_t rows, int64_t cols, int heads, int head_dim, const int64_t* positions,
           const float* inv_freq, float attention_scaling, cudaStream_t stream);
+// One decode row qkv [(q_heads + 2 kv_heads) * head_dim] (query heads, keys, values): rope() of
+// the query and key heads at *position, then the first `retrieval` KV heads' rotated keys and
+// values copied to row *position of retrieval_k / retrieval_v [retrieval][capacity][head_dim].
+// Bitwise the same as rope() then cuda::append_retrieval(); the caller checks the capacity.
+void rope_append_retrieval(bf16* qkv, int q_heads, int kv_heads, int head_dim,
+                           const int64_t* position, const float* inv_freq, float attention_scaling,
+                           int retrieval, int64_t capacity, bf16* retrieval_k, bf16* retrieval_v,
+                           cudaStream_t stream);
 // x = bf16(x + y), then out = rmsnorm(x) * w: add() then rmsnorm() in one pass, bitwise equal.
 void add_rmsnorm(bf16* x, const bf16* y, const bf16* w, float eps, int64_t rows, int64_t cols,
                  bf16* out, cudaStream_t stream);

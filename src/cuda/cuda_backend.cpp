@@ -11,10 +11,12 @@
 #include <atomic>
 #include <cmath>
 #include <cstddef>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <map>
+#include <string>
 #include <string_view>
 #include <tuple>
 #include <vector>
@@ -194,6 +196,33 @@ struct DecodeCapture {
 
 class CudaDecodeGraph;
 
+// Debug (DUO_GRAPH_NODES=1): a captured decode step's nodes, and its kernels by name with their
+// counts (library kernels the runtime cannot name are counted together), printed to stderr.
+void print_graph_nodes(cudaGraph_t graph) {
+  size_t count = 0;
+  DUO_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &count));
+  std::vector<cudaGraphNode_t> nodes(count);
+  DUO_CUDA_CHECK(cudaGraphGetNodes(graph, nodes.data(), &count));
+  std::map<std::string, int> kernels;
+  int num_kernels = 0;
+  for (cudaGraphNode_t node : nodes) {
+    cudaGraphNodeType type{};
+    DUO_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
+    if (type != cudaGraphNodeTypeKernel) continue;
+    ++num_kernels;
+    cudaKernelNodeParams kp{};
+    const char* name = nullptr;
+    if (cudaGraphKernelNodeGetParams(node, &kp) != cudaSuccess ||
+        cudaFuncGetName(&name, kp.func) != cudaSuccess || name == nullptr) {
+      (void)cudaGetLastError();
+      name = "(library kernel, unnamed)";
+    }
+    ++kernels[std::string(name).substr(0, 100)];
+  }
+  std::fprintf(stderr, "decode graph: %zu nodes, %d kernels\n", count, num_kernels);
+  for (const auto& [name, n] : kernels) std::fprintf(stderr, "  %5d  %s\n", n, name.c_str());
+}
+
 // ---------------------------------------------------------------------------------------------
 
 class CudaBackend final : public Backend {
@@ -363,52 +392,43 @@ class CudaBackend final : public Backend {
             const RopeFrequencies& f) override {
     check(head_dim % 2 == 0 && heads * head_dim <= x.cols, "rope: ", heads, " heads of ", head_dim,
           " do not fit ", x.cols, " columns");
-    check(static_cast<int64_t>(positions.size()) >= x.rows, "rope: ", positions.size(),
-          " positions for ", x.rows, " rows");
-    check(static_cast<int64_t>(f.inv_freq.size()) == head_dim / 2, "rope: ", f.inv_freq.size(),
-          " frequencies for head_dim ", head_dim);
     if (x.rows == 0) return;
-    if (capture_ != nullptr) {  // position and frequencies come from DecodeInputs at replay
-      check(x.rows == 1, "decode graph capture: rope of ", x.rows, " rows (one per step)");
-      check(static_cast<int64_t>(f.inv_freq.size()) <= kMaxRopeFreqs,
-            "decode graph capture: ", f.inv_freq.size(), " RoPE frequencies, at most ",
-            kMaxRopeFreqs);
-      check(capture_->rope_freqs < 0 ||
-                (capture_->rope_freqs == static_cast<int64_t>(f.inv_freq.size()) &&
-                 capture_->attention_scaling == f.attention_scaling),
-            "decode graph capture: rope() calls of one step disagree on the frequencies");
-      capture_->rope_freqs = static_cast<int64_t>(f.inv_freq.size());
-      capture_->attention_scaling = f.attention_scaling;
-      cuda::kernels::rope(bp(x), 1, x.cols, static_cast<int>(heads), static_cast<int>(head_dim),
-                          &capture_->device->position, capture_->device->inv_freq,
-                          f.attention_scaling, stream_);
+    const RopeInputs in = rope_inputs(x.rows, head_dim, positions, f);
+    cuda::kernels::rope(bp(x), x.rows, x.cols, static_cast<int>(heads), static_cast<int>(head_dim),
+                        in.positions, in.inv_freq, f.attention_scaling, stream_);
+  }
+
+  void rope_attention(KVCache& cache_base, int64_t layer, Tensor& qkv, int64_t num_heads,
+                      std::span<const int64_t> positions, const RopeFrequencies& f,
+                      Tensor& out) override {
+    auto& cache = static_cast<CudaKVCache&>(cache_base);
+    const CacheSpec& s = cache.spec();
+    const int64_t d = s.head_dim, hkv = s.num_kv_heads;
+    if (!fast_attention(d) || qkv.rows != 1) {  // naive kernels: rope() then attention()
+      Backend::rope_attention(cache_base, layer, qkv, num_heads, positions, f, out);
       return;
     }
-    if (f.inv_freq != inv_freq_host_) {
-      const int64_t bytes = static_cast<int64_t>(f.inv_freq.size()) * 4;
-      float* d = static_cast<float*>(scratch(inv_freq_buf_, bytes, "rope frequencies"));
-      void* h = inv_freq_pinned_.acquire(bytes);
-      std::memcpy(h, f.inv_freq.data(), static_cast<size_t>(bytes));
-      DUO_CUDA_CHECK(
-          cudaMemcpyAsync(d, h, static_cast<size_t>(bytes), cudaMemcpyHostToDevice, stream_));
-      inv_freq_pinned_.used_by(stream_);
-      inv_freq_host_ = f.inv_freq;
-    }
-    // Positions: re-upload only when they differ from the last call's (q and k share them).
-    const int64_t n = x.rows;
-    if (positions_host_.size() != static_cast<size_t>(n) ||
-        !std::equal(positions_host_.begin(), positions_host_.end(), positions.begin())) {
-      int64_t* d = static_cast<int64_t*>(scratch(positions_buf_, n * 8, "rope positions"));
-      positions_host_.assign(positions.begin(), positions.begin() + n);
-      void* h = positions_pinned_.acquire(n * 8);
-      std::memcpy(h, positions_host_.data(), static_cast<size_t>(n) * 8);
-      DUO_CUDA_CHECK(
-          cudaMemcpyAsync(d, h, static_cast<size_t>(n) * 8, cudaMemcpyHostToDevice, stream_));
-      positions_pinned_.used_by(stream_);
-    }
-    cuda::kernels::rope(bp(x), n, x.cols, static_cast<int>(heads), static_cast<int>(head_dim),
-                        static_cast<const int64_t*>(positions_buf_.ptr),
-                        static_cast<const float*>(inv_freq_buf_.ptr), f.attention_scaling, stream_);
+    const int64_t qd = num_heads * d, kvd = hkv * d;
+    check(layer >= 0 && layer < s.num_layers, "rope_attention: layer ", layer, " outside 0..",
+          s.num_layers - 1);
+    check(qkv.cols == qd + 2 * kvd, "rope_attention: qkv has ", qkv.cols, " columns, expected ",
+          qd + 2 * kvd);
+    check(capture_ != nullptr || cache.length() + 1 <= s.capacity,
+          "context length exceeded: ", cache.length() + 1, " tokens, but the cache holds ",
+          s.capacity, " (raise -c)");
+    check(capture_ != nullptr || (!positions.empty() && positions[0] == cache.length()),
+          "rope_attention: the position is not the cache length");
+    // RoPE of the query and key heads fused with the retrieval-store append of the rotated keys
+    // and the values (bitwise rope() then append_retrieval()); attention() skips that append.
+    const RopeInputs in = rope_inputs(1, d, positions, f);
+    CudaLayerCache& lc = cache.layer(layer);
+    cuda::kernels::rope_append_retrieval(
+        bp(qkv), static_cast<int>(num_heads), static_cast<int>(hkv), static_cast<int>(d),
+        in.positions, in.inv_freq, f.attention_scaling, static_cast<int>(lc.num_retrieval),
+        s.capacity, lc.rk, lc.rv, stream_);
+    attention_impl(cache, layer, view_cols(qkv, 0, qd), view_cols(qkv, qd, qd + kvd),
+                   view_cols(qkv, qd + kvd, qd + 2 * kvd), num_heads, out,
+                   /*retrieval_appended=*/true);
   }
 
   void swiglu(const Tensor& gate, const Tensor& up, Tensor& out) override {
@@ -429,70 +449,9 @@ class CudaBackend final : public Backend {
     cuda::kernels::add(bp(x), bp(y), n, stream_);
   }
 
-  void attention(KVCache& cache_base, int64_t layer, const Tensor& q, const Tensor& k,
-                 const Tensor& v, int64_t num_heads, Tensor& out) override {
-    auto& cache = static_cast<CudaKVCache&>(cache_base);
-    const CacheSpec& s = cache.spec();
-    check(layer >= 0 && layer < s.num_layers, "attention: layer ", layer, " outside 0..",
-          s.num_layers - 1);
-    CudaLayerCache& lc = cache.layer(layer);
-    const int64_t n = q.rows, d = s.head_dim, hkv = s.num_kv_heads;
-    check(capture_ == nullptr || capture_->cache == &cache_base,
-          "decode graph capture: attention on a cache other than the one being captured for");
-    // While capturing a decode step, p0 is read from DecodeInputs::position at replay (which checks
-    // the capacity), so the host value is a placeholder.
-    const int64_t p0 = capture_ != nullptr ? 0 : cache.length();
-    check(capture_ != nullptr || p0 + n <= s.capacity, "context length exceeded: ", p0 + n,
-          " tokens, but the cache holds ", s.capacity, " (raise -c)");
-    check(capture_ == nullptr || n == 1, "decode graph capture: attention over ", n,
-          " tokens (one per step)");
-    check(num_heads % hkv == 0, "attention: ", num_heads, " query heads are not a multiple of ",
-          hkv, " KV heads");
-    check(q.cols == num_heads * d && k.cols == hkv * d && v.cols == hkv * d && k.rows == n &&
-              v.rows == n && out.rows == n && out.cols == num_heads * d,
-          "attention: q/k/v/out shapes do not match the cache");
-    if (n == 0) return;
-    cuda::AttentionParams p{};
-    p.q = bp(q);
-    p.k_new = bp(k);
-    p.v_new = bp(v);
-    p.out = bp(out);
-    p.n = n;
-    p.p0 = p0;
-    p.num_heads = static_cast<int>(num_heads);
-    p.num_kv_heads = static_cast<int>(hkv);
-    p.num_retrieval = static_cast<int>(lc.num_retrieval);
-    p.head_dim = static_cast<int>(d);
-    p.scale = 1.0f / std::sqrt(static_cast<float>(d));
-    p.retrieval_k = lc.rk;
-    p.retrieval_v = lc.rv;
-    p.capacity = s.capacity;
-    p.streaming_k = lc.sk;
-    p.streaming_v = lc.sv;
-    p.slots = cache.slots();
-    p.sink = s.sink;
-    p.recent = s.recent;
-    p.mode = s.prefill == StreamingPrefill::kExact ? cuda::StreamingMode::kExact
-                                                   : cuda::StreamingMode::kChunk;
-    p.p0_device = capture_ != nullptr ? &capture_->device->position : nullptr;
-    // The fast kernels take head_dim 64 or 128 (cuda/attention.h); other sizes (the tiny test
-    // fixtures use 16) run on the naive kernels.
-    if (naive_attention_ || (d != 64 && d != 128)) {
-      p.workspace = nullptr;
-      p.workspace_bytes = 0;
-      if (lc.num_retrieval > 0) cuda::append_retrieval_naive(p, lc.rk, lc.rv, stream_);
-      cuda::attention_naive(p, stream_);
-      if (lc.num_streaming > 0) cuda::append_streaming_naive(p, lc.sk, lc.sv, stream_);
-      return;
-    }
-    const int64_t ws =
-        cuda::attention_workspace_bytes(n, p.num_heads, p.head_dim, s.capacity, num_sms_);
-    p.workspace =
-        ws > 0 ? static_cast<float*>(scratch(attn_workspace_, ws, "attention workspace")) : nullptr;
-    p.workspace_bytes = ws;
-    if (lc.num_retrieval > 0) cuda::append_retrieval(p, lc.rk, lc.rv, stream_);
-    cuda::attention(p, stream_);
-    if (lc.num_streaming > 0) cuda::append_streaming(p, lc.sk, lc.sv, stream_);
+  void attention(KVCache& cache, int64_t layer, const Tensor& q, const Tensor& k, const Tensor& v,
+                 int64_t num_heads, Tensor& out) override {
+    attention_impl(static_cast<CudaKVCache&>(cache), layer, q, k, v, num_heads, out, false);
   }
 
   void advance(KVCache& cache, int64_t n) override {
@@ -551,6 +510,131 @@ class CudaBackend final : public Backend {
     return s.ptr;
   }
   void* staging(int64_t bytes) { return scratch(staging_, bytes, "upload staging"); }
+
+  // The fast kernels take head_dim 64 or 128 (cuda/attention.h); other sizes (the tiny test
+  // fixtures use 16) and DUO_ATTENTION=naive run on the naive kernels.
+  bool fast_attention(int64_t head_dim) const {
+    return !naive_attention_ && (head_dim == 64 || head_dim == 128);
+  }
+
+  // Device addresses of the RoPE position(s) and frequencies for a rope kernel over `rows` rows:
+  // while capturing a decode step the DecodeInputs that replay() fills; otherwise uploaded (each
+  // only when it differs from the last call's: q and k share them).
+  struct RopeInputs {
+    const int64_t* positions;
+    const float* inv_freq;
+  };
+  RopeInputs rope_inputs(int64_t rows, int64_t head_dim, std::span<const int64_t> positions,
+                         const RopeFrequencies& f) {
+    check(static_cast<int64_t>(positions.size()) >= rows, "rope: ", positions.size(),
+          " positions for ", rows, " rows");
+    check(static_cast<int64_t>(f.inv_freq.size()) == head_dim / 2, "rope: ", f.inv_freq.size(),
+          " frequencies for head_dim ", head_dim);
+    if (capture_ != nullptr) {
+      check(rows == 1, "decode graph capture: rope of ", rows, " rows (one per step)");
+      check(static_cast<int64_t>(f.inv_freq.size()) <= kMaxRopeFreqs,
+            "decode graph capture: ", f.inv_freq.size(), " RoPE frequencies, at most ",
+            kMaxRopeFreqs);
+      check(capture_->rope_freqs < 0 ||
+                (capture_->rope_freqs == static_cast<int64_t>(f.inv_freq.size()) &&
+                 capture_->attention_scaling == f.attention_scaling),
+            "decode graph capture: rope() calls of one step disagree on the frequencies");
+      capture_->rope_freqs = static_cast<int64_t>(f.inv_freq.size());
+      capture_->attention_scaling = f.attention_scaling;
+      return {&capture_->device->position, capture_->device->inv_freq};
+    }
+    if (f.inv_freq != inv_freq_host_) {
+      const int64_t bytes = static_cast<int64_t>(f.inv_freq.size()) * 4;
+      float* d = static_cast<float*>(scratch(inv_freq_buf_, bytes, "rope frequencies"));
+      void* h = inv_freq_pinned_.acquire(bytes);
+      std::memcpy(h, f.inv_freq.data(), static_cast<size_t>(bytes));
+      DUO_CUDA_CHECK(
+          cudaMemcpyAsync(d, h, static_cast<size_t>(bytes), cudaMemcpyHostToDevice, stream_));
+      inv_freq_pinned_.used_by(stream_);
+      inv_freq_host_ = f.inv_freq;
+    }
+    if (positions_host_.size() != static_cast<size_t>(rows) ||
+        !std::equal(positions_host_.begin(), positions_host_.end(), positions.begin())) {
+      int64_t* d = static_cast<int64_t*>(scratch(positions_buf_, rows * 8, "rope positions"));
+      positions_host_.assign(positions.begin(), positions.begin() + rows);
+      void* h = positions_pinned_.acquire(rows * 8);
+      std::memcpy(h, positions_host_.data(), static_cast<size_t>(rows) * 8);
+      DUO_CUDA_CHECK(
+          cudaMemcpyAsync(d, h, static_cast<size_t>(rows) * 8, cudaMemcpyHostToDevice, stream_));
+      positions_pinned_.used_by(stream_);
+    }
+    return {static_cast<const int64_t*>(positions_buf_.ptr),
+            static_cast<const float*>(inv_freq_buf_.ptr)};
+  }
+
+  // attention(); retrieval_appended: the new token's K/V are already in the retrieval store
+  // (rope_attention's fused kernel).
+  void attention_impl(CudaKVCache& cache, int64_t layer, const Tensor& q, const Tensor& k,
+                      const Tensor& v, int64_t num_heads, Tensor& out, bool retrieval_appended) {
+    const CacheSpec& s = cache.spec();
+    check(layer >= 0 && layer < s.num_layers, "attention: layer ", layer, " outside 0..",
+          s.num_layers - 1);
+    CudaLayerCache& lc = cache.layer(layer);
+    const int64_t n = q.rows, d = s.head_dim, hkv = s.num_kv_heads;
+    check(capture_ == nullptr || capture_->cache == static_cast<const KVCache*>(&cache),
+          "decode graph capture: attention on a cache other than the one being captured for");
+    // While capturing a decode step, p0 is read from DecodeInputs::position at replay (which checks
+    // the capacity), so the host value is a placeholder.
+    const int64_t p0 = capture_ != nullptr ? 0 : cache.length();
+    check(capture_ != nullptr || p0 + n <= s.capacity, "context length exceeded: ", p0 + n,
+          " tokens, but the cache holds ", s.capacity, " (raise -c)");
+    check(capture_ == nullptr || n == 1, "decode graph capture: attention over ", n,
+          " tokens (one per step)");
+    check(num_heads % hkv == 0, "attention: ", num_heads, " query heads are not a multiple of ",
+          hkv, " KV heads");
+    check(q.cols == num_heads * d && k.cols == hkv * d && v.cols == hkv * d && k.rows == n &&
+              v.rows == n && out.rows == n && out.cols == num_heads * d,
+          "attention: q/k/v/out shapes do not match the cache");
+    if (n == 0) return;
+    cuda::AttentionParams p{};
+    p.q = bp(q);
+    p.k_new = bp(k);
+    p.v_new = bp(v);
+    p.out = bp(out);
+    p.n = n;
+    p.p0 = p0;
+    p.num_heads = static_cast<int>(num_heads);
+    p.num_kv_heads = static_cast<int>(hkv);
+    p.num_retrieval = static_cast<int>(lc.num_retrieval);
+    p.head_dim = static_cast<int>(d);
+    p.scale = 1.0f / std::sqrt(static_cast<float>(d));
+    p.retrieval_k = lc.rk;
+    p.retrieval_v = lc.rv;
+    p.capacity = s.capacity;
+    p.streaming_k = lc.sk;
+    p.streaming_v = lc.sv;
+    p.slots = cache.slots();
+    p.sink = s.sink;
+    p.recent = s.recent;
+    p.mode = s.prefill == StreamingPrefill::kExact ? cuda::StreamingMode::kExact
+                                                   : cuda::StreamingMode::kChunk;
+    p.p0_device = capture_ != nullptr ? &capture_->device->position : nullptr;
+    if (!fast_attention(d)) {
+      p.workspace = nullptr;
+      p.workspace_bytes = 0;
+      if (lc.num_retrieval > 0) cuda::append_retrieval_naive(p, lc.rk, lc.rv, stream_);
+      cuda::attention_naive(p, stream_);
+      if (lc.num_streaming > 0) cuda::append_streaming_naive(p, lc.sk, lc.sv, stream_);
+      return;
+    }
+    const int64_t ws =
+        cuda::attention_workspace_bytes(n, p.num_heads, p.head_dim, s.capacity, num_sms_);
+    p.workspace =
+        ws > 0 ? static_cast<float*>(scratch(attn_workspace_, ws, "attention workspace")) : nullptr;
+    p.workspace_bytes = ws;
+    if (lc.num_retrieval > 0 && !retrieval_appended)
+      cuda::append_retrieval(p, lc.rk, lc.rv, stream_);
+    if (lc.num_streaming > 0) {
+      cuda::attention_append_streaming(p, lc.sk, lc.sv, stream_);  // append after reading
+    } else {
+      cuda::attention(p, stream_);
+    }
+  }
 
   GemmPlan& gemm_plan(int64_t n, int64_t m, int64_t k, const void* x, const void* w,
                       const void* out, const void* bias) {
@@ -695,6 +779,14 @@ class CudaDecodeGraph final : public DecodeGraph {
     }
     b_->capture_ = nullptr;
     DUO_CUDA_CHECK(cudaStreamEndCapture(b_->stream_, &graph));
+    if (const char* env = std::getenv("DUO_GRAPH_NODES"); env != nullptr && env[0] == '1') {
+      try {
+        print_graph_nodes(graph);
+      } catch (...) {
+        (void)cudaGraphDestroy(graph);
+        throw;
+      }
+    }
     const cudaError_t e = cudaGraphInstantiate(&exec_, graph, 0);
     (void)cudaGraphDestroy(graph);
     DUO_CUDA_CHECK(e);

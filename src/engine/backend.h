@@ -139,6 +139,12 @@ class Backend {
   // over what each head may see. The cache length advances once per forward, via advance().
   virtual void attention(KVCache& cache, int64_t layer, const Tensor& q, const Tensor& k,
                          const Tensor& v, int64_t num_heads, Tensor& out) = 0;
+  // One decode token: qkv [1, heads * head_dim + 2 * kv_dim] holds the query heads, then the KV
+  // heads' keys, then their values. rope() on the query and key heads at positions[0], then
+  // attention() on the three views; backends may fuse the two (bitwise the same result).
+  virtual void rope_attention(KVCache& cache, int64_t layer, Tensor& qkv, int64_t num_heads,
+                              std::span<const int64_t> positions, const RopeFrequencies& f,
+                              Tensor& out);
   // Marks n tokens appended to every layer (called once after the last layer).
   virtual void advance(KVCache& cache, int64_t n) = 0;
   // Starts (probe != nullptr) or stops collecting LongRangeProbe statistics; the probe's vectors

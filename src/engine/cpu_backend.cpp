@@ -447,6 +447,19 @@ std::vector<int32_t> Backend::argmax_rows(const Tensor& x, int64_t row_begin, in
   return ids;
 }
 
+void Backend::rope_attention(KVCache& cache, int64_t layer, Tensor& qkv, int64_t num_heads,
+                             std::span<const int64_t> positions, const RopeFrequencies& f,
+                             Tensor& out) {
+  const CacheSpec& s = cache.spec();
+  const int64_t qd = num_heads * s.head_dim, kvd = s.num_kv_heads * s.head_dim;
+  check(qkv.rows == 1 && qkv.cols == qd + 2 * kvd, "rope_attention: qkv is ", qkv.rows, " x ",
+        qkv.cols, ", expected 1 x ", qd + 2 * kvd);
+  Tensor qk = view_cols(qkv, 0, qd + kvd);  // the query and key heads are adjacent
+  rope(qk, num_heads + s.num_kv_heads, s.head_dim, positions, f);
+  attention(cache, layer, view_cols(qkv, 0, qd), view_cols(qkv, qd, qd + kvd),
+            view_cols(qkv, qd + kvd, qd + 2 * kvd), num_heads, out);
+}
+
 std::unique_ptr<DecodeGraph> Backend::capture_decode_step(KVCache&, const std::function<void()>&) {
   return nullptr;
 }

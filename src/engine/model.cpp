@@ -258,28 +258,24 @@ void Model::run(std::span<const int32_t> tokens, int64_t p0, int64_t logit_rows,
          act = rows(act_);
 
   const float eps = static_cast<float>(c.rms_norm_eps);
-  const int64_t qd = c.q_dim(), kvd = c.kv_dim(), I = c.intermediate_size;
+  const int64_t I = c.intermediate_size;
   b.embed(embed_, tokens, x);  // x [n, hidden]
   b.rmsnorm(x, layers_[0].attn_norm, eps, xn);
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerWeights& w = layers_[l];
     // Attention block: x += o_proj(attention(rope(q), rope(k), v)); xn = rmsnorm(x) on entry.
-    if (n == 1) {  // one GEMM for q, k, v; one RoPE call for the q and k heads (adjacent)
+    if (n == 1) {  // one GEMM for q, k, v; RoPE and attention in one call (fusable)
       Tensor qkv = qkv1_;
-      b.linear(xn, w.wqkv, w.bqkv.data ? &w.bqkv : nullptr, qkv);  // [1, q + 2 kv]
-      q = b.view_cols(qkv, 0, qd);
-      k = b.view_cols(qkv, qd, qd + kvd);
-      v = b.view_cols(qkv, qd + kvd, qd + 2 * kvd);
-      Tensor qk = b.view_cols(qkv, 0, qd + kvd);
-      b.rope(qk, c.num_heads + c.num_kv_heads, c.head_dim, positions, freqs);
+      b.linear(xn, w.wqkv, w.bqkv.data ? &w.bqkv : nullptr, qkv);            // [1, q + 2 kv]
+      b.rope_attention(cache, l, qkv, c.num_heads, positions, freqs, attn);  // [1, heads * d]
     } else {
       b.linear(xn, w.wq, w.bq.data ? &w.bq : nullptr, q);  // [n, heads * d]
       b.linear(xn, w.wk, w.bk.data ? &w.bk : nullptr, k);  // [n, kv_heads * d]
       b.linear(xn, w.wv, w.bv.data ? &w.bv : nullptr, v);  // [n, kv_heads * d]
       b.rope(q, c.num_heads, c.head_dim, positions, freqs);
       b.rope(k, c.num_kv_heads, c.head_dim, positions, freqs);
+      b.attention(cache, l, q, k, v, c.num_heads, attn);  // [n, heads * d]
     }
-    b.attention(cache, l, q, k, v, c.num_heads, attn);        // [n, heads * d]
     b.linear(attn, w.wo, w.bo.data ? &w.bo : nullptr, proj);  // [n, hidden]
     b.add_rmsnorm(x, proj, w.mlp_norm, eps, xn);              // x += proj; xn = rmsnorm(x)
     // MLP block: x += down(silu(gate(xn)) * up(xn))

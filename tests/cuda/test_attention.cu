@@ -442,6 +442,7 @@ struct SeqCase {
   Shape s;
   std::vector<int64_t> chunks;  // chunk sizes in order
   bool graph;
+  bool fused = false;  // attention_append_streaming() in place of attention() + append_streaming()
 };
 
 void run_sequence(const SeqCase& c) {
@@ -489,15 +490,22 @@ void run_sequence(const SeqCase& c) {
     auto* rv = static_cast<__nv_bfloat16*>(st.rv.ptr());
     auto* sk = static_cast<__nv_bfloat16*>(st.sk.ptr());
     auto* sv = static_cast<__nv_bfloat16*>(st.sv.ptr());
+    auto attend = [&](const duo::cuda::AttentionParams& pp, cudaStream_t str) {
+      duo::cuda::append_retrieval(pp, rk, rv, str);
+      if (c.fused) {
+        duo::cuda::attention_append_streaming(pp, sk, sv, str);
+      } else {
+        duo::cuda::attention(pp, str);
+        duo::cuda::append_streaming(pp, sk, sv, str);
+      }
+    };
     if (c.graph && n == 1 && call > 0) {
       CK(cudaMemcpy(dp0.ptr(), &p0, 8, cudaMemcpyHostToDevice));
       if (exec == nullptr) {
         p.p0_device = static_cast<const int64_t*>(dp0.ptr());
         p.p0 = 0;  // must be ignored
         CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-        duo::cuda::append_retrieval(p, rk, rv, stream);
-        duo::cuda::attention(p, stream);
-        duo::cuda::append_streaming(p, sk, sv, stream);
+        attend(p, stream);
         cudaGraph_t graph;
         CK(cudaStreamEndCapture(stream, &graph));
         CK(cudaGraphInstantiate(&exec, graph, 0));
@@ -505,9 +513,7 @@ void run_sequence(const SeqCase& c) {
       }
       CK(cudaGraphLaunch(exec, stream));
     } else {
-      duo::cuda::append_retrieval(p, rk, rv, stream);
-      duo::cuda::attention(p, stream);
-      duo::cuda::append_streaming(p, sk, sv, stream);
+      attend(p, stream);
     }
     CK(cudaStreamSynchronize(stream));
     CK(cudaGetLastError());
@@ -545,7 +551,7 @@ void run_sequence(const SeqCase& c) {
 }
 
 SeqCase seq(std::string name, int d, int H, int Hkv, int nr, int64_t S, int64_t R,
-            std::vector<int64_t> chunks, bool graph, bool chunk_mode = false) {
+            std::vector<int64_t> chunks, bool graph, bool chunk_mode = false, bool fused = false) {
   SeqCase c;
   c.name = std::move(name);
   c.s.d = d;
@@ -557,6 +563,7 @@ SeqCase seq(std::string name, int d, int H, int Hkv, int nr, int64_t S, int64_t 
   c.s.mode = chunk_mode ? duo::cuda::StreamingMode::kChunk : duo::cuda::StreamingMode::kExact;
   c.chunks = std::move(chunks);
   c.graph = graph;
+  c.fused = fused;
   return c;
 }
 
@@ -582,6 +589,21 @@ TEST(AttentionSequence, GraphCapturedDecodeWithDeviceP0) {
   REQUIRE_GPU();
   run_sequence(seq("graph_mixed", 128, 8, 2, 1, 4, 8, pattern({9}, 40), true));
   run_sequence(seq("graph_d64_gqa4", 64, 16, 4, 2, 8, 16, pattern({30}, 50), true));
+}
+
+// attention_append_streaming (the decode merge kernel appends the new token to the streaming
+// store): same reference bounds, and the streaming store holds exactly the right positions.
+TEST(AttentionSequence, StreamingAppendFusedIntoDecode) {
+  REQUIRE_GPU();
+  run_sequence(
+      seq("fused_mixed_S4_R8", 128, 8, 2, 1, 4, 8, pattern({5}, 30, {19, 3}), false, false, true));
+  run_sequence(
+      seq("fused_stream_S0_R5", 64, 4, 2, 0, 0, 5, pattern({2}, 20, {11}), false, false, true));
+  run_sequence(seq("fused_R0_S3", 128, 4, 2, 1, 3, 0, pattern({7}, 10, {4}), false, false, true));
+  run_sequence(
+      seq("fused_chunk_mode", 128, 8, 4, 2, 4, 8, pattern({20}, 15, {30}), false, true, true));
+  run_sequence(
+      seq("fused_graph_d64_gqa4", 64, 16, 4, 2, 8, 16, pattern({30}, 50), true, false, true));
 }
 
 TEST(AttentionErrors, RejectsBadShapes) {
