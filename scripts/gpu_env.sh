@@ -9,3 +9,4 @@ for b in duo duo_cuda_tests; do
 done
 export LD_LIBRARY_PATH=$PWD/$G/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export DUO_FIXTURES=$PWD/tests/fixtures  # they travel with the tree
+export DUO_CORPUS=$PWD/data/haystack DUO_MODELS=$PWD/models  # tests that read these from the tree
