@@ -62,6 +62,20 @@ TEST(CliBench, BadArgumentsFailClearly) {
   EXPECT_NE(r.err.find("does not match"), std::string::npos) << r.err;
 }
 
+TEST(CliBench, MalformedContextListsAndCpuSyntheticPrefixFail) {
+  const std::string base = "bench --backend cpu --random-weights --config " + kConfig;
+  for (const std::string& ctx :
+       {std::string("10,"), std::string(",10"), std::string("10,,20"), std::string("' 10'"),
+        std::string("+10"), std::string("0"), std::string("99999999999999999999")}) {
+    auto r = run_duo(base + " --contexts " + ctx);
+    EXPECT_EQ(r.exit_code, 1) << ctx;
+    EXPECT_NE(r.err.find("--contexts"), std::string::npos) << ctx << ": " << r.err;
+  }
+  auto r = run_duo(base + " --contexts 40 --synthetic-prefix");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("--synthetic-prefix"), std::string::npos) << r.err;
+}
+
 TEST(CliBench, CudaBackendWithoutGpuIsAClearError) {
   // On a machine with a GPU this runs the CUDA backend instead; without one (CI) it must fail
   // with one clear line and exit 1.

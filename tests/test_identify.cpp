@@ -240,6 +240,28 @@ TEST(Identify, GateRejectsBadFlags) {
   EXPECT_NE(other.err.find("reg_weight"), std::string::npos) << other.err;
 }
 
+// Flags of one mode are refused in the other, with the flag's name.
+TEST(Identify, ModeSpecificFlagsAreRefusedElsewhere) {
+  testing::TempDir t("identify_mode_flags");
+  const std::string heuristic =
+      "identify --method heuristic -m " + fixture("models/llama3_gqa").string() + " --corpus " +
+      (testing::source_dir() / "data/haystack").string() + " -o " + (t / "pat").string() + " ";
+  for (const std::string flag : {"--steps 5", "--lr 0.1", "--resume", "--json x.json",
+                                 "--profile-contexts 1000,2000,4000"}) {
+    auto r = testing::run_duo(heuristic + flag);
+    EXPECT_EQ(r.exit_code, 1) << flag;
+    EXPECT_NE(r.err.find("only goes with --method gate"), std::string::npos) << flag << r.err;
+  }
+  for (const std::string flag : {"--json x.json", "--profile-steps 2", "--config c.json"}) {
+    auto r = testing::run_duo(gate_args(t, "--backend cpu " + flag));
+    EXPECT_EQ(r.exit_code, 1) << flag;
+    EXPECT_NE(r.err.find("only goes with --profile-contexts"), std::string::npos) << r.err;
+  }
+  auto ref = testing::run_duo(gate_args(t, "--backend cpu-reference --steps 1"));
+  EXPECT_EQ(ref.exit_code, 1);
+  EXPECT_NE(ref.err.find("no reference CPU engine"), std::string::npos) << ref.err;
+}
+
 TEST(Identify, GateBlockMaskRuns) {
   testing::TempDir t("identify_gate_block");
   auto r = testing::run_duo(gate_args(t, "--steps 2 --mask block --block 4"));

@@ -81,6 +81,8 @@ void run_bench(const BenchArgs& a) {
   const HeadLayout layout = HeadLayout::from_partition(cfg, part);
 
   const std::string resolved = resolve_backend(a.backend);
+  check(!a.synthetic_prefix || resolved == "cuda",
+        "--synthetic-prefix writes random K/V into a device cache: it needs --backend cuda");
   auto backend = make_backend(resolved);
   const std::string card = device_name(resolved);
   std::fprintf(stderr, "duo bench: %s on %s; %s; S=%lld R=%lld; realised sparsity %.4f\n",

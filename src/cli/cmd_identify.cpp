@@ -75,7 +75,9 @@ struct IdentifyArgs {
 // The backend the gate method runs on: "cpu" or "cuda" (auto = cuda when a GPU is present).
 std::string gate_backend(const IdentifyArgs& a) {
   const std::string b = resolve_backend(a.backend_given ? a.backend : "auto");
-  if (b == "cpu-reference") return "cpu";
+  check(b != "cpu-reference",
+        "--backend cpu-reference: the gate method has no reference CPU engine (its CPU path is "
+        "checked by finite differences in tests); use --backend cpu or cuda");
   return b;
 }
 
@@ -128,8 +130,9 @@ void identify_profile(const IdentifyArgs& a) {
   check(a.ctx_min > 0 && a.ctx_max >= a.ctx_min, "--ctx-min/--ctx-max: need 0 < min <= max");
   const std::vector<int64_t> contexts =
       parse_positive_int_list("--profile-contexts", a.profile_contexts);
-  check(contexts.size() >= 3 || a.ctx_min == a.ctx_max,
-        "--profile-contexts: give at least 3 lengths for the time(n) fit");
+  const std::set<int64_t> distinct(contexts.begin(), contexts.end());
+  check(distinct.size() >= 3 || a.ctx_min == a.ctx_max,
+        "--profile-contexts: give at least 3 different lengths for the time(n) fit");
   using clock = std::chrono::steady_clock;
   const std::string src = a.random_weights ? a.config_file : a.model_dir;
   std::unique_ptr<cuda::CudaGateModel> model =
@@ -454,10 +457,16 @@ void add_identify_command(CLI::App& app) {
 #endif
         return;
       }
-      check(!a->random_weights, "--random-weights only goes with --profile-contexts");
+      for (const char* flag : {"--random-weights", "--config", "--profile-steps", "--json"})
+        check(cmd->get_option(flag)->count() == 0, flag, " only goes with --profile-contexts");
       identify_gate(*a);
     } else {
       check(!a->model_dir.empty(), "-m DIR is required");
+      for (const char* flag :
+           {"--profile-contexts", "--profile-steps", "--random-weights", "--config", "--json",
+            "--steps", "--lr", "--reg", "--mask", "--block", "--save-every", "--resume"})
+        check(cmd->get_option(flag)->count() == 0, flag,
+              " only goes with --method gate (this is --method heuristic)");
       identify_heuristic(*a);
     }
   });

@@ -33,6 +33,7 @@
 #include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 
@@ -583,15 +584,17 @@ bool prefill_sm90_eligible(int64_t n, int head_dim) {
   if (mode == 0 || head_dim != kD || n <= 0) return false;
   int dev = 0;
   DUO_CUDA_CHECK(cudaGetDevice(&dev));
-  static int cached_dev = -1;
-  static bool cached_sm90 = false;  // benign: same value from every thread
-  if (cached_dev != dev) {
-    int major = 0;
+  // Cached per device as dev * 2 + (1 when sm_90a code runs here: compute capability 9.0 only).
+  static std::atomic<int> cached{-1};
+  int c = cached.load(std::memory_order_relaxed);
+  if (c < 0 || c / 2 != dev) {
+    int major = 0, minor = 0;
     DUO_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    cached_sm90 = major == 9;
-    cached_dev = dev;
+    DUO_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+    c = dev * 2 + (major == 9 && minor == 0 ? 1 : 0);
+    cached.store(c, std::memory_order_relaxed);
   }
-  if (!cached_sm90) return false;
+  if ((c & 1) == 0) return false;
   return mode == 1 || n >= kSm90MinN;
 #else
   (void)n;
