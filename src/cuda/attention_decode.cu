@@ -23,6 +23,7 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -338,7 +339,7 @@ __global__ void __launch_bounds__(D) decode_merge_kernel(const KArgs a, const fl
 // from attention_workspace_bytes() too, so that a graph capture never makes the first query.
 template <int D, int G>
 int decode_occupancy() {
-  static int occ = 0;  // benign race: same value from every thread
+  static std::atomic<int> occ{0};  // the same value from every thread
   if (occ == 0) {
     int v = 0;
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, decode_split_kernel<D, G>, kDecodeThreads,
@@ -438,14 +439,16 @@ bool run_attention(const AttentionParams& p, bf16* append_k, bf16* append_v, cud
 int device_num_sms() {
   int dev = 0;
   DUO_CUDA_CHECK(cudaGetDevice(&dev));
-  static int cached_dev = -1, cached_sms = 0;  // benign: same value from every thread
-  if (cached_dev != dev) {
+  // Cached as (dev << 32) | SM count.
+  static std::atomic<int64_t> cached{-1};
+  int64_t c = cached.load(std::memory_order_relaxed);
+  if (c < 0 || (c >> 32) != dev) {
     int sms = 0;
     DUO_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    cached_sms = sms;
-    cached_dev = dev;
+    c = (static_cast<int64_t>(dev) << 32) | sms;
+    cached.store(c, std::memory_order_relaxed);
   }
-  return cached_sms;
+  return static_cast<int>(c & 0xffffffff);
 }
 
 KArgs make_kargs(const AttentionParams& p) {

@@ -14,6 +14,7 @@
 // choice).
 #include <cuda_bf16.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 
@@ -284,7 +285,7 @@ template <int D, int WARPS>
 void launch(const KArgs& a, cudaStream_t stream) {
   constexpr int BM = 16 * WARPS;
   constexpr int smem = (BM + 4 * kBN) * (D + 8) * static_cast<int>(sizeof(bf16));
-  static bool attr_set = false;  // per instantiation; benign race (idempotent)
+  static std::atomic<bool> attr_set{false};  // per instantiation (setting it twice is harmless)
   if (!attr_set) {
     DUO_CUDA_CHECK(cudaFuncSetAttribute(prefill_kernel<D, WARPS>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem));

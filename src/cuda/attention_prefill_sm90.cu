@@ -550,7 +550,7 @@ CUtensorMap store_tensor_map(const bf16* store, int64_t rows) {
 
 template <bool kPingPong>
 void launch_sm90(const KArgs& a, cudaStream_t stream) {
-  static bool attr_set = false;  // per instantiation; benign race (idempotent)
+  static std::atomic<bool> attr_set{false};  // per instantiation (setting it twice is harmless)
   if (!attr_set) {
     DUO_CUDA_CHECK(cudaFuncSetAttribute(prefill_sm90_kernel<kPingPong>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));

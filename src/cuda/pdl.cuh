@@ -14,6 +14,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <string_view>
 #include <utility>
@@ -43,15 +44,16 @@ inline bool pdl_enabled() {
   if (!env_on) return false;
   int dev = 0;
   DUO_CUDA_CHECK(cudaGetDevice(&dev));
-  static int cached_dev = -1;  // benign race: same value from every thread
-  static bool cached_ok = false;
-  if (cached_dev != dev) {
+  // Cached per device as dev * 2 + (1 when compute capability >= 9.0).
+  static std::atomic<int> cached{-1};
+  int c = cached.load(std::memory_order_relaxed);
+  if (c < 0 || c / 2 != dev) {
     int major = 0;
     DUO_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    cached_ok = major >= 9;
-    cached_dev = dev;
+    c = dev * 2 + (major >= 9 ? 1 : 0);
+    cached.store(c, std::memory_order_relaxed);
   }
-  return cached_ok;
+  return (c & 1) != 0;
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization allowed
