@@ -24,30 +24,13 @@ fi
 OUT=${OUT:-/tmp/out}
 R=$OUT/results && mkdir -p "$R"
 source scripts/gpu_env.sh
-DUO=$PWD/$G/duo
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$R/card.txt"
 git rev-parse HEAD 2>/dev/null | tee "$R/commit.txt"
-step() { echo "== $1 ($(date +%T))"; }
 
 step "CUDA tests"
 timeout 90 "$G/duo_cuda_tests" > "$R/cuda_tests.log" 2>&1; echo "cuda tests rc=$?"
 grep -E "^\[  (PASSED|FAILED) |tests ran" "$R/cuda_tests.log" | tail -8
 
-bench() {  # name, timeout, args...
-  local name=$1 t=$2; shift 2
-  timeout "$t" "$DUO" bench --backend cuda --json "$@" > "$R/$name.json" 2> "$R/$name.err"
-  echo "$name rc=$?"; python3 - "$R/$name.json" <<'PY'
-import json, sys
-try:
-    j = json.load(open(sys.argv[1]))
-except Exception as e:
-    print("  no result:", e); sys.exit()
-for r in j["results"]:
-    print("  N=%d prefill %.2f s decode %.2f ms/tok peak %.1f GB kv %.2f GB" % (
-        r["context"], r["prefill_seconds"], r["decode_ms_per_token_median"],
-        r["peak_device_bytes"] / 1e9, r["kv_bytes_total"] / 1e9))
-PY
-}
 if [[ "${1:-}" != "tests-niah" ]]; then
 step "duo bench: Llama-2-7B-32K config, full vs published pattern at sparsity 0.75 (S=128, R=256)"
 L2="--random-weights --config $G/configs/llama-2-7b-32k.json --contexts ${L2_CTX:-120000} --chunk 32768 --decode-steps 50"

@@ -11,8 +11,6 @@ O=${OUT:-/tmp/out}; R=$O/final; mkdir -p "$R"
 trap 'cp "$R/log.txt" "$O/log.txt" 2>/dev/null; tar -C "$O" -cf "$O/final.tar" final; rm -rf "$R"' EXIT
 exec > >(tee -a "$R/log.txt") 2>&1
 source scripts/gpu_env.sh
-DUO=$PWD/$G/duo
-step() { echo "== $1 ($(date +%T))"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 cat "$G/commit.txt" 2>/dev/null
 
@@ -33,28 +31,13 @@ for _ in range(15):
 ts.sort(); print("copy_bandwidth_TBps %.3f" % (2 * n / ts[len(ts) // 2] / 1e12))
 PY
 
-bench() {  # name, timeout, args...
-  local name=$1 t=$2; shift 2
-  timeout "$t" "$DUO" bench --backend cuda --json --random-weights "$@" > "$R/$name.json" 2> "$R/$name.err"
-  echo "$name rc=$?"; python3 - "$R/$name.json" <<'PY'
-import json, sys
-try:
-    j = json.load(open(sys.argv[1]))
-except Exception as e:
-    print("  no result:", e); sys.exit()
-for r in j["results"]:
-    print("  N=%d prefill %.3f s decode %.3f ms/tok peak %.2f GB kv %.2f GB" % (
-        r["context"], r["prefill_seconds"], r["decode_ms_per_token_median"],
-        r["peak_device_bytes"] / 1e9, r["kv_bytes_total"] / 1e9))
-PY
-}
-L3="--config $G/configs/llama-3-8b-1048k.json"
-L2="--config $G/configs/llama-2-7b-32k.json"
+L3="--random-weights --config $G/configs/llama-3-8b-1048k.json"
+L2="--random-weights --config $G/configs/llama-2-7b-32k.json"
 P2="--pattern $G/patterns/Llama-2-7B-32K-Instruct --sparsity 0.75"
 P3="--pattern $G/patterns/Llama-3-8B-Instruct-Gradient-1048k --sparsity 0.5"
 step "Llama-3-8B 32K full attention vs transformers (sdpa, bf16), same call"
 bench l3_32k_full 90 $L3 --contexts 32000 --chunk 32768 --decode-steps 100
-PYTHONUNBUFFERED=1 timeout 90 python3 "$G/baseline_transformers.py" $L3 --contexts 32000 \
+PYTHONUNBUFFERED=1 timeout 90 python3 "$G/baseline_transformers.py" --config $G/configs/llama-3-8b-1048k.json --contexts 32000 \
   --decode-steps 20 > "$R/hf_l3_32k.json" 2> "$R/hf_l3_32k.err"; echo "hf rc=$?"
 tail -c 500 "$R/hf_l3_32k.json"; echo
 step "prefill, chunk 32K: Llama-2-7B 100K full vs 25%"

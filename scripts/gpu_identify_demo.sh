@@ -9,7 +9,6 @@ cd "$(dirname "$0")/.."
 G=.devrun/gpu
 OUT=${OUT:-/tmp/out}; R=$OUT/results; mkdir -p "$R"
 source scripts/gpu_env.sh
-DUO=$PWD/$G/duo
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$R/card.txt"
 git rev-parse HEAD 2>/dev/null | tee "$R/commit.txt"
 STEPS=${STEPS:-2000}
