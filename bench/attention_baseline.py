@@ -4,6 +4,7 @@
 (a) causal prefill, bf16, hd 128, 32 query / 8 KV heads (is_causal=True, enable_gqa=True),
     n = 16K, 32K, 64K: TFLOP/s with causal FLOPs = 4 * n^2 / 2 * d * heads
 (b) decode: q of length 1 over a 128K / 512K cache (enable_gqa=True): KV bytes / time
+Flags: --quick (prefill at 16K only), --decode-only (no prefill).
 Timing: CUDA events, median of 20 runs after warm-up.
 """
 import json
@@ -34,11 +35,12 @@ def median_ms(fn, warmup=3, reps=20):
 
 def main():
     quick = "--quick" in sys.argv
+    decode_only = "--decode-only" in sys.argv
     dev = torch.device("cuda")
     print(json.dumps({"impl": "torch_sdpa", "device": torch.cuda.get_device_name(0),
                       "torch": torch.__version__}), flush=True)
     for n in (16384, 32768, 65536):
-        if quick and n > 16384:
+        if decode_only or (quick and n > 16384):
             break
         q = torch.randn(1, H, n, D, device=dev, dtype=torch.bfloat16)
         k = torch.randn(1, HKV, n, D, device=dev, dtype=torch.bfloat16)

@@ -32,13 +32,13 @@
 #include "cuda/attention_internal.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/pdl.cuh"
+#include "cuda/streaming_load.cuh"
 
 namespace duo::cuda {
 namespace detail {
 namespace {
 
 constexpr int kDecodeThreads = 128;
-constexpr int kUnroll = 4;  // keys per lane-group per iteration
 constexpr int kMaxSplits = 1024;
 
 int64_t preferred_splits(int64_t max_context, int num_sms) {
@@ -68,9 +68,10 @@ __device__ __forceinline__ KeyList decode_keys(const KArgs& a, bool retrieval, i
   return k;
 }
 
-template <int D>
+// U: keys per lane-group per iteration (2U independent 16-byte loads in flight per thread).
+template <int D, int U>
 __device__ __forceinline__ int64_t split_len(int64_t count, int splits) {
-  constexpr int kPerIter = (32 / (D / 8)) * kUnroll * (kDecodeThreads / 32);
+  constexpr int kPerIter = (32 / (D / 8)) * U * (kDecodeThreads / 32);
   int64_t len = (count + splits - 1) / splits;
   return (len + kPerIter - 1) / kPerIter * kPerIter;
 }
@@ -85,7 +86,7 @@ __device__ __forceinline__ void bf16x8_to_float(const uint4& u, float* f) {
   }
 }
 
-template <int D, int G>
+template <int D, int G, int kUnroll>
 __global__ void __launch_bounds__(kDecodeThreads)
     decode_split_kernel(const KArgs a, float* ws, int splits) {
   pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
@@ -100,7 +101,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const int h0 = g * a.group + (blockIdx.y % head_tiles) * G;
   const bool retrieval = g < a.num_retrieval;
   const KeyList kl = decode_keys(a, retrieval, p0);
-  const int64_t len = split_len<D>(kl.count, splits);
+  const int64_t len = split_len<D, kUnroll>(kl.count, splits);
   const int64_t e_begin = static_cast<int64_t>(blockIdx.x) * len;
   if (e_begin >= kl.count) return;  // unused split
   const int64_t e_end = e_begin + len < kl.count ? e_begin + len : kl.count;
@@ -153,8 +154,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
           kp = key_row<D>(a, g, false, j, p0, false) + sub * 8;
           vp = key_row<D>(a, g, false, j, p0, true) + sub * 8;
         }
-        kv[u] = __ldg(reinterpret_cast<const uint4*>(kp));
-        vv[u] = __ldg(reinterpret_cast<const uint4*>(vp));
+        kv[u] = load_streaming(kp);
+        vv[u] = load_streaming(vp);
       }
     }
     float s[kUnroll][G];
@@ -267,7 +268,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
   }
 }
 
-template <int D>
+template <int D, int U>
 __global__ void __launch_bounds__(D) decode_merge_kernel(const KArgs a, const float* ws, int splits,
                                                          bf16* append_k, bf16* append_v) {
   pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
@@ -280,7 +281,7 @@ __global__ void __launch_bounds__(D) decode_merge_kernel(const KArgs a, const fl
   const int g = h / a.group;
   const bool retrieval = g < a.num_retrieval;
   const KeyList kl = decode_keys(a, retrieval, p0);
-  const int64_t len = split_len<D>(kl.count, splits);
+  const int64_t len = split_len<D, U>(kl.count, splits);
   const int used = kl.count <= 0 ? 0 : static_cast<int>((kl.count + len - 1) / len);
   const int d = threadIdx.x, warp = d / 32, lane = d % 32;
   const int64_t stride = static_cast<int64_t>(a.num_heads) * (D + 2);
@@ -337,12 +338,12 @@ __global__ void __launch_bounds__(D) decode_merge_kernel(const KArgs a, const fl
 
 // Occupancy of one decode kernel instantiation (blocks per SM), cached. Queried (no-throw) once
 // from attention_workspace_bytes() too, so that a graph capture never makes the first query.
-template <int D, int G>
+template <int D, int G, int U>
 int decode_occupancy() {
   static std::atomic<int> occ{0};  // the same value from every thread
   if (occ == 0) {
     int v = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, decode_split_kernel<D, G>, kDecodeThreads,
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, decode_split_kernel<D, G, U>, kDecodeThreads,
                                                       0) != cudaSuccess) {
       cudaGetLastError();
       return 1;
@@ -352,20 +353,26 @@ int decode_occupancy() {
   return occ;
 }
 
+template <int U>
+void warm_decode_occupancy_u() {
+  decode_occupancy<128, 1, U>();
+  decode_occupancy<128, 2, U>();
+  decode_occupancy<128, 4, U>();
+  decode_occupancy<128, 8, U>();
+  decode_occupancy<64, 1, U>();
+  decode_occupancy<64, 2, U>();
+  decode_occupancy<64, 4, U>();
+  decode_occupancy<64, 8, U>();
+}
+
 void warm_decode_occupancy() {
   try {
     (void)device_num_sms();
   } catch (const Error&) {
     return;  // no device: nothing to warm
   }
-  decode_occupancy<128, 1>();
-  decode_occupancy<128, 2>();
-  decode_occupancy<128, 4>();
-  decode_occupancy<128, 8>();
-  decode_occupancy<64, 1>();
-  decode_occupancy<64, 2>();
-  decode_occupancy<64, 4>();
-  decode_occupancy<64, 8>();
+  warm_decode_occupancy_u<4>();
+  warm_decode_occupancy_u<8>();
 }
 
 // DUO_ATTN_SPLITS=N forces the split count (still capped by the workspace): a tuning knob.
@@ -377,7 +384,7 @@ int forced_splits() {
   return v;
 }
 
-template <int D, int G>
+template <int D, int G, int U>
 void launch_decode_g(const KArgs& a, float* ws, int64_t max_splits, bf16* append_k, bf16* append_v,
                      cudaStream_t stream) {
   const int head_tiles = a.group / G;
@@ -385,29 +392,47 @@ void launch_decode_g(const KArgs& a, float* ws, int64_t max_splits, bf16* append
   // heads; streaming blocks finish at once), capped by the workspace / preferred count. The grid
   // never depends on p0 (graph replay).
   const int64_t rows = static_cast<int64_t>(std::max(a.num_retrieval, 1)) * head_tiles;
-  const int64_t wave = static_cast<int64_t>(decode_occupancy<D, G>()) * device_num_sms();
+  const int64_t wave = static_cast<int64_t>(decode_occupancy<D, G, U>()) * device_num_sms();
   int64_t splits = std::max<int64_t>(1, wave / rows);
   if (forced_splits() > 0) splits = forced_splits();
   splits = std::max<int64_t>(1, std::min(splits, max_splits));
   const dim3 grid(static_cast<unsigned>(splits),
                   static_cast<unsigned>(a.num_kv_heads * head_tiles));
-  launch_pdl(decode_split_kernel<D, G>, grid, kDecodeThreads, 0, stream, a, ws,
+  launch_pdl(decode_split_kernel<D, G, U>, grid, kDecodeThreads, 0, stream, a, ws,
              static_cast<int>(splits));
-  launch_pdl(decode_merge_kernel<D>, static_cast<unsigned>(a.num_heads), D, 0, stream, a, ws,
+  launch_pdl(decode_merge_kernel<D, U>, static_cast<unsigned>(a.num_heads), D, 0, stream, a, ws,
              static_cast<int>(splits), append_k, append_v);
+}
+
+// DUO_DECODE_UNROLL=8: 8 keys per lane-group per iteration instead of 4 (tuning).
+int decode_unroll() {
+  static const int v = [] {
+    const char* e = std::getenv("DUO_DECODE_UNROLL");
+    return e != nullptr && std::atoi(e) == 8 ? 8 : 4;
+  }();
+  return v;
+}
+
+template <int D, int U>
+void launch_decode_u(const KArgs& a, float* ws, int64_t max_splits, bf16* append_k,
+                     bf16* append_v, cudaStream_t stream) {
+  if (a.group % 8 == 0)
+    launch_decode_g<D, 8, U>(a, ws, max_splits, append_k, append_v, stream);
+  else if (a.group % 4 == 0)
+    launch_decode_g<D, 4, U>(a, ws, max_splits, append_k, append_v, stream);
+  else if (a.group % 2 == 0)
+    launch_decode_g<D, 2, U>(a, ws, max_splits, append_k, append_v, stream);
+  else
+    launch_decode_g<D, 1, U>(a, ws, max_splits, append_k, append_v, stream);
 }
 
 template <int D>
 void launch_decode(const KArgs& a, float* ws, int64_t max_splits, bf16* append_k, bf16* append_v,
                    cudaStream_t stream) {
-  if (a.group % 8 == 0)
-    launch_decode_g<D, 8>(a, ws, max_splits, append_k, append_v, stream);
-  else if (a.group % 4 == 0)
-    launch_decode_g<D, 4>(a, ws, max_splits, append_k, append_v, stream);
-  else if (a.group % 2 == 0)
-    launch_decode_g<D, 2>(a, ws, max_splits, append_k, append_v, stream);
+  if (decode_unroll() == 8)
+    launch_decode_u<D, 8>(a, ws, max_splits, append_k, append_v, stream);
   else
-    launch_decode_g<D, 1>(a, ws, max_splits, append_k, append_v, stream);
+    launch_decode_u<D, 4>(a, ws, max_splits, append_k, append_v, stream);
 }
 
 // attention(); with append_k / append_v set (streaming store), the split-KV decode path also
