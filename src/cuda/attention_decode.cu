@@ -29,16 +29,17 @@
 #include <cstdlib>
 
 #include "core/error.h"
+#include "cuda/async_copy.cuh"
 #include "cuda/attention_internal.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/pdl.cuh"
-#include "cuda/streaming_load.cuh"
 
 namespace duo::cuda {
 namespace detail {
 namespace {
 
 constexpr int kDecodeThreads = 128;
+constexpr int kUnroll = 4;  // keys per lane-group per iteration
 constexpr int kMaxSplits = 1024;
 
 int64_t preferred_splits(int64_t max_context, int num_sms) {
@@ -68,10 +69,9 @@ __device__ __forceinline__ KeyList decode_keys(const KArgs& a, bool retrieval, i
   return k;
 }
 
-// U: keys per lane-group per iteration (2U independent 16-byte loads in flight per thread).
-template <int D, int U>
+template <int D>
 __device__ __forceinline__ int64_t split_len(int64_t count, int splits) {
-  constexpr int kPerIter = (32 / (D / 8)) * U * (kDecodeThreads / 32);
+  constexpr int kPerIter = (32 / (D / 8)) * kUnroll * (kDecodeThreads / 32);
   int64_t len = (count + splits - 1) / splits;
   return (len + kPerIter - 1) / kPerIter * kPerIter;
 }
@@ -86,9 +86,9 @@ __device__ __forceinline__ void bf16x8_to_float(const uint4& u, float* f) {
   }
 }
 
-template <int D, int G, int kUnroll>
+template <int D, int G>
 __global__ void __launch_bounds__(kDecodeThreads)
-    decode_split_kernel(const KArgs a, float* ws, int splits) {
+    decode_split_kernel(const KArgs a, float* ws, int splits, int stages) {
   pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
   pdl_launch_dependents();
   constexpr int LPK = D / 8;     // lanes per key
@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const int h0 = g * a.group + (blockIdx.y % head_tiles) * G;
   const bool retrieval = g < a.num_retrieval;
   const KeyList kl = decode_keys(a, retrieval, p0);
-  const int64_t len = split_len<D, kUnroll>(kl.count, splits);
+  const int64_t len = split_len<D>(kl.count, splits);
   const int64_t e_begin = static_cast<int64_t>(blockIdx.x) * len;
   if (e_begin >= kl.count) return;  // unused split
   const int64_t e_end = e_begin + len < kl.count ? e_begin + len : kl.count;
@@ -131,32 +131,53 @@ __global__ void __launch_bounds__(kDecodeThreads)
     for (int i = 0; i < 8; ++i) o[hh][i] = 0.f;
   }
 
+  // K/V rows stream through a ring of `stages` shared-memory slots per thread, filled by cp.async
+  // (each thread copies and later reads only its own 16-byte chunks: no barriers), so that up to
+  // stages - 1 iterations of loads are in flight without holding registers: that, not the ALUs,
+  // bounds a memory-bound decode (Little's law: ~50-60 KB in flight per SM at ~4 TB/s).
   // The trip count must be warp-uniform (full-mask shuffles below): iterate on the warp's base
   // and let each lane-group mask its keys past e_end.
-  for (int64_t wbase = e_begin + static_cast<int64_t>(warp) * KPW * kUnroll; wbase < e_end;
-       wbase += static_cast<int64_t>(GROUPS) * kUnroll) {
-    const int64_t e0 = wbase + static_cast<int64_t>(kslot) * kUnroll;
+  extern __shared__ uint4 ring[];  // [stages][2 (K, V)][kUnroll][kDecodeThreads]
+  const int64_t first = e_begin + static_cast<int64_t>(warp) * KPW * kUnroll;
+  const int64_t step = static_cast<int64_t>(GROUPS) * kUnroll;
+  const int64_t iters = first < e_end ? (e_end - first + step - 1) / step : 0;
+  auto issue = [&](int64_t it) {  // loads of iteration `it` into slot it % stages, one group
+    if (it < iters) {
+      const int64_t e0 = first + it * step + static_cast<int64_t>(kslot) * kUnroll;
+      uint4* slot = ring + static_cast<int64_t>(it % stages) * 2 * kUnroll * kDecodeThreads;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t e = e0 + u;
+        if (e < e_end) {
+          const bf16 *kp, *vp;
+          if (retrieval) {  // block-uniform: contiguous rows, position == e
+            kp = k_base + e * D;
+            vp = v_base + e * D;
+          } else {
+            const int64_t j = e < kl.a_len ? e : kl.b_begin + (e - kl.a_len);
+            kp = key_row<D>(a, g, false, j, p0, false) + sub * 8;
+            vp = key_row<D>(a, g, false, j, p0, true) + sub * 8;
+          }
+          cp_async16(slot + u * kDecodeThreads + tid, kp);
+          cp_async16(slot + (kUnroll + u) * kDecodeThreads + tid, vp);
+        }
+      }
+    }
+    cp_async_commit();  // an empty group past the end keeps the group count per iteration fixed
+  };
+  for (int64_t it = 0; it + 1 < stages; ++it) issue(it);
+  for (int64_t it = 0; it < iters; ++it) {
+    issue(it + stages - 1);
+    cp_async_wait_at_most(stages - 1);  // iteration it's group has landed
+    const int64_t e0 = first + it * step + static_cast<int64_t>(kslot) * kUnroll;
+    const uint4* slot = ring + static_cast<int64_t>(it % stages) * 2 * kUnroll * kDecodeThreads;
     uint4 kv[kUnroll], vv[kUnroll];
     bool valid[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int64_t e = e0 + u;
-      valid[u] = e < e_end;
-      kv[u] = make_uint4(0, 0, 0, 0);
-      vv[u] = make_uint4(0, 0, 0, 0);
-      if (valid[u]) {
-        const bf16 *kp, *vp;
-        if (retrieval) {  // block-uniform: contiguous rows, position == e
-          kp = k_base + e * D;
-          vp = v_base + e * D;
-        } else {
-          const int64_t j = e < kl.a_len ? e : kl.b_begin + (e - kl.a_len);
-          kp = key_row<D>(a, g, false, j, p0, false) + sub * 8;
-          vp = key_row<D>(a, g, false, j, p0, true) + sub * 8;
-        }
-        kv[u] = load_streaming(kp);
-        vv[u] = load_streaming(vp);
-      }
+      valid[u] = e0 + u < e_end;
+      kv[u] = valid[u] ? slot[u * kDecodeThreads + tid] : make_uint4(0, 0, 0, 0);
+      vv[u] = valid[u] ? slot[(kUnroll + u) * kDecodeThreads + tid] : make_uint4(0, 0, 0, 0);
     }
     float s[kUnroll][G];
 #pragma unroll
@@ -268,7 +289,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
   }
 }
 
-template <int D, int U>
+template <int D>
 __global__ void __launch_bounds__(D) decode_merge_kernel(const KArgs a, const float* ws, int splits,
                                                          bf16* append_k, bf16* append_v) {
   pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
@@ -281,7 +302,7 @@ __global__ void __launch_bounds__(D) decode_merge_kernel(const KArgs a, const fl
   const int g = h / a.group;
   const bool retrieval = g < a.num_retrieval;
   const KeyList kl = decode_keys(a, retrieval, p0);
-  const int64_t len = split_len<D, U>(kl.count, splits);
+  const int64_t len = split_len<D>(kl.count, splits);
   const int used = kl.count <= 0 ? 0 : static_cast<int>((kl.count + len - 1) / len);
   const int d = threadIdx.x, warp = d / 32, lane = d % 32;
   const int64_t stride = static_cast<int64_t>(a.num_heads) * (D + 2);
@@ -338,13 +359,34 @@ __global__ void __launch_bounds__(D) decode_merge_kernel(const KArgs a, const fl
 
 // Occupancy of one decode kernel instantiation (blocks per SM), cached. Queried (no-throw) once
 // from attention_workspace_bytes() too, so that a graph capture never makes the first query.
-template <int D, int G, int U>
+// Pipeline depth of the split kernel (DUO_DECODE_STAGES=1..4 for tuning; 4 by default) and the
+// shared memory it takes: one 16-byte K and V chunk per key slot and thread per stage.
+int decode_stages() {
+  static const int v = [] {
+    const char* e = std::getenv("DUO_DECODE_STAGES");
+    const int s = e == nullptr ? 4 : std::atoi(e);
+    return s >= 1 && s <= 4 ? s : 4;
+  }();
+  return v;
+}
+size_t decode_smem_bytes(int stages) {
+  return static_cast<size_t>(stages) * 2 * kUnroll * kDecodeThreads * sizeof(uint4);
+}
+
+// Occupancy of one decode kernel instantiation (blocks per SM) at decode_stages(), cached; also
+// raises the kernel's dynamic shared-memory limit. Queried (no-throw) once from
+// attention_workspace_bytes() too, so that a graph capture never makes the first query.
+template <int D, int G>
 int decode_occupancy() {
   static std::atomic<int> occ{0};  // the same value from every thread
   if (occ == 0) {
+    const size_t smem = decode_smem_bytes(decode_stages());
     int v = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, decode_split_kernel<D, G, U>, kDecodeThreads,
-                                                      0) != cudaSuccess) {
+    if (cudaFuncSetAttribute(decode_split_kernel<D, G>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem)) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, decode_split_kernel<D, G>, kDecodeThreads,
+                                                      smem) != cudaSuccess) {
       cudaGetLastError();
       return 1;
     }
@@ -353,26 +395,20 @@ int decode_occupancy() {
   return occ;
 }
 
-template <int U>
-void warm_decode_occupancy_u() {
-  decode_occupancy<128, 1, U>();
-  decode_occupancy<128, 2, U>();
-  decode_occupancy<128, 4, U>();
-  decode_occupancy<128, 8, U>();
-  decode_occupancy<64, 1, U>();
-  decode_occupancy<64, 2, U>();
-  decode_occupancy<64, 4, U>();
-  decode_occupancy<64, 8, U>();
-}
-
 void warm_decode_occupancy() {
   try {
     (void)device_num_sms();
   } catch (const Error&) {
     return;  // no device: nothing to warm
   }
-  warm_decode_occupancy_u<4>();
-  warm_decode_occupancy_u<8>();
+  decode_occupancy<128, 1>();
+  decode_occupancy<128, 2>();
+  decode_occupancy<128, 4>();
+  decode_occupancy<128, 8>();
+  decode_occupancy<64, 1>();
+  decode_occupancy<64, 2>();
+  decode_occupancy<64, 4>();
+  decode_occupancy<64, 8>();
 }
 
 // DUO_ATTN_SPLITS=N forces the split count (still capped by the workspace): a tuning knob.
@@ -384,7 +420,7 @@ int forced_splits() {
   return v;
 }
 
-template <int D, int G, int U>
+template <int D, int G>
 void launch_decode_g(const KArgs& a, float* ws, int64_t max_splits, bf16* append_k, bf16* append_v,
                      cudaStream_t stream) {
   const int head_tiles = a.group / G;
@@ -392,47 +428,30 @@ void launch_decode_g(const KArgs& a, float* ws, int64_t max_splits, bf16* append
   // heads; streaming blocks finish at once), capped by the workspace / preferred count. The grid
   // never depends on p0 (graph replay).
   const int64_t rows = static_cast<int64_t>(std::max(a.num_retrieval, 1)) * head_tiles;
-  const int64_t wave = static_cast<int64_t>(decode_occupancy<D, G, U>()) * device_num_sms();
+  const int64_t wave = static_cast<int64_t>(decode_occupancy<D, G>()) * device_num_sms();
   int64_t splits = std::max<int64_t>(1, wave / rows);
   if (forced_splits() > 0) splits = forced_splits();
   splits = std::max<int64_t>(1, std::min(splits, max_splits));
   const dim3 grid(static_cast<unsigned>(splits),
                   static_cast<unsigned>(a.num_kv_heads * head_tiles));
-  launch_pdl(decode_split_kernel<D, G, U>, grid, kDecodeThreads, 0, stream, a, ws,
-             static_cast<int>(splits));
-  launch_pdl(decode_merge_kernel<D, U>, static_cast<unsigned>(a.num_heads), D, 0, stream, a, ws,
+  const int stages = decode_stages();
+  launch_pdl(decode_split_kernel<D, G>, grid, kDecodeThreads, decode_smem_bytes(stages), stream, a,
+             ws, static_cast<int>(splits), stages);
+  launch_pdl(decode_merge_kernel<D>, static_cast<unsigned>(a.num_heads), D, 0, stream, a, ws,
              static_cast<int>(splits), append_k, append_v);
-}
-
-// DUO_DECODE_UNROLL=8: 8 keys per lane-group per iteration instead of 4 (tuning).
-int decode_unroll() {
-  static const int v = [] {
-    const char* e = std::getenv("DUO_DECODE_UNROLL");
-    return e != nullptr && std::atoi(e) == 8 ? 8 : 4;
-  }();
-  return v;
-}
-
-template <int D, int U>
-void launch_decode_u(const KArgs& a, float* ws, int64_t max_splits, bf16* append_k,
-                     bf16* append_v, cudaStream_t stream) {
-  if (a.group % 8 == 0)
-    launch_decode_g<D, 8, U>(a, ws, max_splits, append_k, append_v, stream);
-  else if (a.group % 4 == 0)
-    launch_decode_g<D, 4, U>(a, ws, max_splits, append_k, append_v, stream);
-  else if (a.group % 2 == 0)
-    launch_decode_g<D, 2, U>(a, ws, max_splits, append_k, append_v, stream);
-  else
-    launch_decode_g<D, 1, U>(a, ws, max_splits, append_k, append_v, stream);
 }
 
 template <int D>
 void launch_decode(const KArgs& a, float* ws, int64_t max_splits, bf16* append_k, bf16* append_v,
                    cudaStream_t stream) {
-  if (decode_unroll() == 8)
-    launch_decode_u<D, 8>(a, ws, max_splits, append_k, append_v, stream);
+  if (a.group % 8 == 0)
+    launch_decode_g<D, 8>(a, ws, max_splits, append_k, append_v, stream);
+  else if (a.group % 4 == 0)
+    launch_decode_g<D, 4>(a, ws, max_splits, append_k, append_v, stream);
+  else if (a.group % 2 == 0)
+    launch_decode_g<D, 2>(a, ws, max_splits, append_k, append_v, stream);
   else
-    launch_decode_u<D, 4>(a, ws, max_splits, append_k, append_v, stream);
+    launch_decode_g<D, 1>(a, ws, max_splits, append_k, append_v, stream);
 }
 
 // attention(); with append_k / append_v set (streaming store), the split-KV decode path also

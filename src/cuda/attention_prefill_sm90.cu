@@ -38,6 +38,7 @@
 #include <cstdlib>
 
 #include "core/error.h"
+#include "cuda/async_copy.cuh"
 #include "cuda/attention_internal.cuh"
 #include "cuda/cuda_check.h"
 
@@ -69,14 +70,6 @@ constexpr int kSmemBytes = 1024 + kQBytes + kStages * 2 * kTileBytes + (2 * kSta
 [[maybe_unused]] constexpr int kBarTurn = 1, kBarKFree = 3, kBarVFree = 3 + kStages;
 
 #if DUO_SM90A_DEVICE
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
