@@ -374,6 +374,10 @@ class CudaBackend final : public Backend {
           " elements, expected ", m);
     if (n == 0 || m == 0) return;
     const bf16* bptr = bias != nullptr ? bp(*bias) : nullptr;
+    if (n == 1 && use_gemv(x, w)) {  // batch-1 decode: weight streaming, see kernels::gemv
+      cuda::kernels::gemv(bp(x), bp(w), bptr, bp(out), m, k, stream_);
+      return;
+    }
     GemmPlan& plan = gemm_plan(n, m, k, bp(x), bp(w), bp(out), bptr);
     if (!plan.have_algo) {
       cuda::kernels::linear_fallback(bp(x), bp(w), bptr, bp(out), n, m, k, stream_);
@@ -386,6 +390,17 @@ class CudaBackend final : public Backend {
     DUO_CUBLAS_CHECK(cublasLtMatmul(lt_, plan.desc, &alpha, bp(w), plan.a, bp(x), plan.b, &beta,
                                     bp(out), plan.c, bp(out), plan.c, &plan.algo, workspace_,
                                     static_cast<size_t>(workspace_bytes_), stream_));
+  }
+
+  void linear_swiglu(const Tensor& x, const Tensor& w_gate_up, Tensor& gate_up,
+                     Tensor& out) override {
+    const int64_t I = w_gate_up.rows / 2;
+    if (x.rows == 1 && w_gate_up.rows % 2 == 0 && w_gate_up.cols == x.cols && out.rows == 1 &&
+        out.cols == I && use_gemv(x, w_gate_up)) {
+      cuda::kernels::gemv_swiglu(bp(x), bp(w_gate_up), bp(out), I, x.cols, stream_);
+      return;
+    }
+    Backend::linear_swiglu(x, w_gate_up, gate_up, out);
   }
 
   void rope(Tensor& x, int64_t heads, int64_t head_dim, std::span<const int64_t> positions,
@@ -636,6 +651,15 @@ class CudaBackend final : public Backend {
     }
   }
 
+  // The one-row kernel unless DUO_GEMV=0 (A/B timing against cuBLASLt) or the layout needs more.
+  static bool use_gemv(const Tensor& x, const Tensor& w) {
+    static const bool env_on = [] {
+      const char* e = std::getenv("DUO_GEMV");
+      return e == nullptr || std::string_view(e) != "0";
+    }();
+    return env_on && cuda::kernels::gemv_supported(bp(x), bp(w), x.cols);
+  }
+
   GemmPlan& gemm_plan(int64_t n, int64_t m, int64_t k, const void* x, const void* w,
                       const void* out, const void* bias) {
     const int ax = pointer_alignment(x), aw = pointer_alignment(w), ao = pointer_alignment(out);
@@ -681,87 +705,16 @@ class CudaBackend final : public Backend {
         pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof(al_c)));
     DUO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
         pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof(al_c)));
-    cublasLtMatmulHeuristicResult_t results[kGemmCandidates]{};
+    cublasLtMatmulHeuristicResult_t result{};
     int found = 0;
-    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(
-        lt_, plan.desc, plan.a, plan.b, plan.c, plan.c, pref, kGemmCandidates, results, &found);
+    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt_, plan.desc, plan.a, plan.b, plan.c,
+                                                             plan.c, pref, 1, &result, &found);
     (void)cublasLtMatmulPreferenceDestroy(pref);
-    std::vector<cublasLtMatmulAlgo_t> algos;
-    for (int i = 0; st == CUBLAS_STATUS_SUCCESS && i < found; ++i)
-      if (results[i].state == CUBLAS_STATUS_SUCCESS) algos.push_back(results[i].algo);
-    if (!algos.empty()) {
-      plan.algo = algos[0];
+    if (st == CUBLAS_STATUS_SUCCESS && found > 0 && result.state == CUBLAS_STATUS_SUCCESS) {
+      plan.algo = result.algo;
       plan.have_algo = true;
-      if (n <= kGemmTuneRows && algos.size() > 1 && gemm_tuning_enabled() && !capturing())
-        plan.algo = fastest_algo(plan, algos, x, w, out);
     }
     return plans_.emplace(key, plan).first->second;
-  }
-
-  // Decode-shaped GEMMs (a few rows: pure weight streaming) are where cuBLASLt's first heuristic
-  // choice is most often not the fastest, and they run on every token: time the candidates once on
-  // the real operands, with L2 flushed before each run (a weight matrix that stays in L2 between
-  // runs would rank algorithms by L2, not HBM, bandwidth). DUO_GEMM_TUNE=0 keeps the first choice.
-  static constexpr int kGemmCandidates = 8;
-  static constexpr int64_t kGemmTuneRows = 4;
-  static bool gemm_tuning_enabled() {
-    static const bool on = [] {
-      const char* e = std::getenv("DUO_GEMM_TUNE");
-      return e == nullptr || std::string_view(e) != "0";
-    }();
-    return on;
-  }
-  bool capturing() const {
-    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-    DUO_CUDA_CHECK(cudaStreamIsCapturing(stream_, &status));
-    return status != cudaStreamCaptureStatusNone;
-  }
-  cublasLtMatmulAlgo_t fastest_algo(const GemmPlan& plan,
-                                    const std::vector<cublasLtMatmulAlgo_t>& algos,
-                                    const void* x, const void* w, const void* out) {
-    int l2 = 0;
-    DUO_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device_));
-    const int64_t flush_bytes = 2 * static_cast<int64_t>(std::max(l2, 1 << 20));
-    void* flush = nullptr;
-    try {
-      flush = mem_.alloc(flush_bytes, "GEMM tuning L2 flush");
-    } catch (const Error&) {
-      return algos[0];  // no room to tune: the heuristic's choice
-    }
-    cudaEvent_t a = nullptr, b = nullptr;
-    DUO_CUDA_CHECK(cudaEventCreate(&a));
-    DUO_CUDA_CHECK(cudaEventCreate(&b));
-    const float alpha = 1.0f, beta = 0.0f;
-    auto* o = const_cast<void*>(out);
-    size_t best = 0;
-    float best_ms = INFINITY;
-    for (size_t i = 0; i < algos.size(); ++i) {
-      std::vector<float> ms;
-      for (int rep = 0; rep < 5; ++rep) {
-        DUO_CUDA_CHECK(cudaMemsetAsync(flush, rep, static_cast<size_t>(flush_bytes), stream_));
-        DUO_CUDA_CHECK(cudaEventRecord(a, stream_));
-        const cublasStatus_t st =
-            cublasLtMatmul(lt_, plan.desc, &alpha, w, plan.a, x, plan.b, &beta, o, plan.c, o,
-                           plan.c, &algos[i], workspace_, static_cast<size_t>(workspace_bytes_),
-                           stream_);
-        DUO_CUDA_CHECK(cudaEventRecord(b, stream_));
-        DUO_CUDA_CHECK(cudaEventSynchronize(b));
-        if (st != CUBLAS_STATUS_SUCCESS) break;  // this candidate does not run here
-        float t = 0;
-        DUO_CUDA_CHECK(cudaEventElapsedTime(&t, a, b));
-        ms.push_back(t);
-      }
-      if (ms.size() < 5) continue;
-      std::sort(ms.begin(), ms.end());
-      if (ms[2] < best_ms) {
-        best_ms = ms[2];
-        best = i;
-      }
-    }
-    (void)cudaEventDestroy(a);
-    (void)cudaEventDestroy(b);
-    mem_.free(flush);
-    return algos[best];
   }
   static void destroy_plan(GemmPlan& p) {
     if (p.a) (void)cublasLtMatrixLayoutDestroy(p.a);
