@@ -1,6 +1,8 @@
 // Needle-in-a-haystack harness: prompt construction at token depths, scoring, and the CLI.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
@@ -39,6 +41,58 @@ TEST(Niah, PromptHasExactLengthAndNeedleAtDepth) {
   EXPECT_THROW(build_niah_prompt(*tok, hay, n, 1000, 101), Error);
 }
 
+TEST(Niah, KeyValuePromptHoldsEveryPairOnceWithTheAskedOneAtDepth) {
+  auto tok = Tokenizer::load(fixture("models/llama3_gqa"));
+  auto hay = haystack_tokens(*tok, "", 5000);
+  const Needle n = kv_needle(7, 5);
+  ASSERT_EQ(n.distractors.size(), 4u);
+  EXPECT_EQ(n.answer.size(), 6u);
+  EXPECT_NE(n.needle.find(n.answer), std::string::npos);
+  const std::string key = n.question.substr(n.question.find(" for ") + 5);
+  EXPECT_NE(n.needle.find(key.substr(0, key.size() - 1) + " is:"), std::string::npos);
+  for (const auto& d : n.distractors) {
+    EXPECT_EQ(d.find(key.substr(0, key.size() - 1) + " is:"), std::string::npos) << d;
+    EXPECT_EQ(d.find(n.answer), std::string::npos) << d;  // values are 6 digits, keys distinct
+  }
+  EXPECT_EQ(kv_needle(7, 5).needle, n.needle);  // seeded
+  EXPECT_NE(kv_needle(8, 5).needle, n.needle);
+  auto find = [](const std::vector<int32_t>& ids, const std::vector<int32_t>& part) {
+    std::vector<int64_t> at;
+    for (auto it = ids.begin(); (it = std::search(it, ids.end(), part.begin(), part.end())) !=
+                                ids.end();
+         ++it)
+      at.push_back(it - ids.begin());
+    return at;
+  };
+  const auto asked = tok->encode("\n" + n.needle + "\n", false);
+  int64_t fixed = 1 + static_cast<int64_t>(asked.size()) +
+                  static_cast<int64_t>(
+                      tok->encode("\n\nQuestion: " + n.question + "\nAnswer:", false).size());
+  for (const auto& d : n.distractors)
+    fixed += static_cast<int64_t>(tok->encode("\n" + d + "\n", false).size());
+  for (double depth : {0.0, 30.0, 100.0}) {
+    NiahPrompt p = build_niah_prompt(*tok, hay, n, 2000, depth);
+    EXPECT_EQ(static_cast<int64_t>(p.ids.size()), 2000);
+    const auto at = find(p.ids, asked);
+    ASSERT_EQ(at.size(), 1u) << depth;
+    EXPECT_EQ(at[0], p.needle_position);
+    // The asked needle follows the haystack tokens before its depth and the distractors whose
+    // depths (30 + 20 i wrapped: 50, 70, 90, 10 at depth 30) come earlier.
+    int64_t earlier_tokens = 0;
+    for (size_t i = 0; i < n.distractors.size(); ++i) {
+      const double d = std::fmod(depth + static_cast<double>(i + 1) * 20.0, 100.0);
+      const auto ids = tok->encode("\n" + n.distractors[i] + "\n", false);
+      EXPECT_EQ(find(p.ids, ids).size(), 1u) << n.distractors[i];
+      if (d < depth) earlier_tokens += static_cast<int64_t>(ids.size());
+    }
+    EXPECT_EQ(p.needle_position,
+              1 + earlier_tokens +
+                  static_cast<int64_t>(std::llround(depth / 100.0 * static_cast<double>(2000 - fixed))));
+  }
+  EXPECT_THROW(build_niah_prompt(*tok, hay, n, 60, 50), Error);
+  EXPECT_THROW(kv_needle(1, 0), Error);
+}
+
 TEST(Niah, Scoring) {
   const std::string ans = "The best thing to do in San Francisco is eat a sandwich.";
   auto s =
@@ -70,6 +124,21 @@ TEST(Niah, CliRunsAndWritesJson) {
       testing::run_duo("niah -m " + fixture("models/llama_mha_linear").string() + " --lengths 10");
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_NE(bad.err.find("too short"), std::string::npos) << bad.err;
+  bad = testing::run_duo("niah -m " + fixture("models/llama_mha_linear").string() +
+                         " --task passkey --kv-pairs 4");
+  EXPECT_NE(bad.err.find("--kv-pairs applies to --task kv only"), std::string::npos) << bad.err;
+  bad = testing::run_duo("niah -m " + fixture("models/llama_mha_linear").string() +
+                         " --task kv --kv-pairs 0");
+  EXPECT_NE(bad.err.find("--kv-pairs must be in [1, 256]"), std::string::npos) << bad.err;
+  auto kv = testing::run_duo("niah -m " + fixture("models/llama_mha_linear").string() +
+                             " --task kv --kv-pairs 3 --lengths 300 --depths 50 --max-answer 4 "
+                             "--json " +
+                             (t / "kv.json").string());
+  ASSERT_EQ(kv.exit_code, 0) << kv.err;
+  auto jk = read_json_file(t / "kv.json");
+  EXPECT_EQ(jk["task"], "kv");
+  EXPECT_EQ(jk["kv_pairs"], 3);
+  EXPECT_EQ(jk["results"][0]["answer"].get<std::string>().size(), 6u);
   bad = testing::run_duo("niah -m " + fixture("models/llama_mha_linear").string() + " --needle x");
   EXPECT_NE(bad.err.find("go together"), std::string::npos) << bad.err;
   bad = testing::run_duo("niah -m " + fixture("models/llama_mha_linear").string() +

@@ -23,6 +23,8 @@ struct NiahArgs {
   std::string haystack;
   std::string needle, question, answer;
   std::string task = "sentence";
+  int64_t kv_pairs = 8;
+  bool kv_pairs_set = false;
   std::vector<int64_t> lengths{1000, 2000, 4000};
   std::vector<double> depths{0, 11.1, 22.2, 33.3, 44.4, 55.6, 66.7, 77.8, 88.9, 100};
   int64_t max_answer = 32;
@@ -39,8 +41,10 @@ void run(const NiahArgs& a) {
   const bool custom = !a.needle.empty() || !a.question.empty() || !a.answer.empty();
   check(!custom || (!a.needle.empty() && !a.question.empty() && !a.answer.empty()),
         "--needle, --question and --answer go together");
-  check(a.task == "sentence" || a.task == "passkey", "--task must be sentence or passkey, got '",
-        a.task, "'");
+  check(a.task == "sentence" || a.task == "passkey" || a.task == "kv",
+        "--task must be sentence, passkey or kv, got '", a.task, "'");
+  check(!a.kv_pairs_set || a.task == "kv", "--kv-pairs applies to --task kv only");
+  check(a.kv_pairs >= 1 && a.kv_pairs <= 256, "--kv-pairs must be in [1, 256], got ", a.kv_pairs);
   check(!a.lengths.empty() && !a.depths.empty(), "--lengths and --depths need at least one value");
   for (int64_t L : a.lengths) check(L > 0, "--lengths must be positive, got ", L);
   for (double d : a.depths) check(d >= 0 && d <= 100, "--depths must be in [0, 100], got ", d);
@@ -61,9 +65,11 @@ void run(const NiahArgs& a) {
     for (size_t di = 0; di < a.depths.size(); ++di) {
       const int64_t L = a.lengths[li];
       const double depth = a.depths[di];
-      Needle n = custom ? Needle{a.needle, a.question, a.answer}
-                        : (a.task == "passkey" ? passkey_needle(a.seed + li * 1000 + di)
-                                               : classic_sentence_needle());
+      const uint64_t seed = a.seed + li * 1000 + di;
+      Needle n = custom                ? Needle{a.needle, a.question, a.answer, {}}
+                 : a.task == "passkey" ? passkey_needle(seed)
+                 : a.task == "kv"      ? kv_needle(seed, a.kv_pairs)
+                                       : classic_sentence_needle();
       NiahPrompt p = build_niah_prompt(*tok, hay, n, L, depth);
       auto cache = model.make_cache(L + a.max_answer, duo.sink, duo.recent, duo.prefill);
       StreamingDecoder dec(*tok, true);
@@ -132,6 +138,7 @@ void run(const NiahArgs& a) {
         {"sparsity", duo.partition.sparsity()},
         {"streaming_prefill", duo.prefill == StreamingPrefill::kExact ? "exact" : "chunk"},
         {"task", custom ? "custom" : a.task},
+        {"kv_pairs", a.task == "kv" && !custom ? a.kv_pairs : 0},
         {"haystack", a.haystack.empty() ? "filler" : a.haystack},
         {"lengths", a.lengths},
         {"depths", a.depths},
@@ -153,7 +160,16 @@ void add_niah_command(CLI::App& app) {
   cmd->add_option("-m,--model", a->model_dir, "Hugging Face model directory")->required();
   cmd->add_option("--haystack", a->haystack,
                   "Directory of .txt files (default: the classic repeated filler)");
-  cmd->add_option("--task", a->task, "sentence (the classic San Francisco needle) or passkey");
+  cmd->add_option("--task", a->task,
+                  "sentence (the classic San Francisco needle), passkey, or kv (key-value "
+                  "retrieval among --kv-pairs needles)");
+  cmd->add_option_function<int64_t>(
+      "--kv-pairs",
+      [a](int64_t v) {
+        a->kv_pairs = v;
+        a->kv_pairs_set = true;
+      },
+      "Key-value needles per prompt for --task kv, one asked (default 8)");
   cmd->add_option("--needle", a->needle, "Custom needle text");
   cmd->add_option("--question", a->question, "Custom question");
   cmd->add_option("--answer", a->answer, "Custom expected answer");
@@ -162,7 +178,7 @@ void add_niah_command(CLI::App& app) {
       ->delimiter(',');
   cmd->add_option("--max-answer", a->max_answer, "Answer tokens to generate at most (default 32)");
   cmd->add_option("--chunk", a->chunk, "Prefill chunk size");
-  cmd->add_option("--seed", a->seed, "Seed for passkeys");
+  cmd->add_option("--seed", a->seed, "Seed for passkeys and key-value pairs");
   cmd->add_option("--json", a->json_file, "Write all results to this JSON file");
   add_backend_option(cmd, a->backend);
   a->duo.add_to(cmd);

@@ -4,7 +4,9 @@
 #include <cctype>
 #include <cmath>
 #include <random>
+#include <iterator>
 #include <set>
+#include <utility>
 #include <sstream>
 
 #include "core/error.h"
@@ -16,14 +18,45 @@ Needle classic_sentence_needle() {
   const std::string s =
       "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny "
       "day.";
-  return {s, "What is the best thing to do in San Francisco?", s};
+  return {s, "What is the best thing to do in San Francisco?", s, {}};
 }
 
 Needle passkey_needle(uint64_t seed) {
   std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ull + 17);
   const std::string n = std::to_string(10000 + rng() % 90000);
   return {"The pass key is " + n + ". Remember it. " + n + " is the pass key.",
-          "What is the pass key?", n};
+          "What is the pass key?", n, {}};
+}
+
+Needle kv_needle(uint64_t seed, int64_t pairs) {
+  check(pairs >= 1 && pairs <= 256, "key-value pairs must be in [1, 256], got ", pairs);
+  // The demo models' training vocabulary for keys (tools/make_needle_data.py KV_ADJ, KV_NOUN).
+  static const char* const kAdj[] = {
+      "red",    "blue",   "green",    "silver", "golden",  "quiet",  "rapid",  "ancient",
+      "frozen", "hidden", "bright",   "dark",   "little",  "northern", "southern", "wild",
+      "gentle", "iron",   "crystal",  "hollow", "lucky",   "purple", "sleepy", "brave",
+      "copper", "misty",  "royal",    "sunny",  "stormy",  "velvet"};
+  static const char* const kNoun[] = {
+      "falcon", "river",  "lantern", "castle",  "meadow",    "harbor", "comet",   "forest",
+      "engine", "garden", "tower",   "island",  "mountain",  "violin", "compass", "anchor",
+      "bridge", "cathedral", "desert", "glacier", "kettle",  "mirror", "orchard", "pyramid",
+      "rocket", "saddle", "temple",  "tunnel",  "valley",    "window"};
+  std::mt19937_64 rng(seed * 0xD1B54A32D192ED03ull + 29);
+  std::set<std::string> used;
+  Needle n;
+  while (static_cast<int64_t>(used.size()) < pairs) {
+    const std::string key = std::string(kAdj[rng() % std::size(kAdj)]) + "-" +
+                            kNoun[rng() % std::size(kNoun)];
+    if (!used.insert(key).second) continue;
+    const std::string value = std::to_string(100000 + rng() % 900000);
+    const std::string text = "The special magic number for " + key + " is: " + value + ".";
+    if (n.needle.empty()) {
+      n = {text, "What is the special magic number for " + key + "?", value, {}};
+    } else {
+      n.distractors.push_back(text);
+    }
+  }
+  return n;
 }
 
 std::vector<int32_t> haystack_tokens(const Tokenizer& tok, const std::filesystem::path& dir,
@@ -56,23 +89,40 @@ NiahPrompt build_niah_prompt(const Tokenizer& tok, const std::vector<int32_t>& h
   check(depth_percent >= 0 && depth_percent <= 100, "depth must be in [0, 100], got ",
         depth_percent);
   const std::vector<int32_t> bos = tok.encode("", true);
-  const std::vector<int32_t> needle = tok.encode("\n" + n.needle + "\n", false);
   const std::vector<int32_t> question =
       tok.encode("\n\nQuestion: " + n.question + "\nAnswer:", false);
-  const int64_t fixed = static_cast<int64_t>(bos.size() + needle.size() + question.size());
+  // The asked needle first, then the distractors with their depths.
+  std::vector<std::vector<int32_t>> needles{tok.encode("\n" + n.needle + "\n", false)};
+  std::vector<double> depths{depth_percent};
+  const double k = static_cast<double>(n.distractors.size());
+  for (size_t i = 0; i < n.distractors.size(); ++i) {
+    needles.push_back(tok.encode("\n" + n.distractors[i] + "\n", false));
+    depths.push_back(std::fmod(depth_percent + static_cast<double>(i + 1) * 100.0 / (k + 1), 100.0));
+  }
+  int64_t fixed = static_cast<int64_t>(bos.size() + question.size());
+  for (const auto& t : needles) fixed += static_cast<int64_t>(t.size());
   const int64_t hay = length - fixed;
-  check(hay >= 0, "length ", length, " is too short for the needle and question (", fixed,
-        " tokens)");
+  check(hay >= 0, "length ", length, " is too short for the needle", needles.size() > 1 ? "s" : "",
+        " and question (", fixed, " tokens)");
   check(static_cast<int64_t>(haystack.size()) >= hay, "haystack holds ", haystack.size(),
         " tokens, need ", hay);
-  const int64_t d =
-      static_cast<int64_t>(std::llround(depth_percent / 100.0 * static_cast<double>(hay)));
+  // Insertion points in haystack tokens; needles at the same point keep their order above.
+  std::vector<std::pair<int64_t, size_t>> at;
+  for (size_t i = 0; i < needles.size(); ++i)
+    at.emplace_back(
+        static_cast<int64_t>(std::llround(depths[i] / 100.0 * static_cast<double>(hay))), i);
+  std::stable_sort(at.begin(), at.end(),
+                   [](const auto& x, const auto& y) { return x.first < y.first; });
   NiahPrompt p;
   p.ids = bos;
-  p.ids.insert(p.ids.end(), haystack.begin(), haystack.begin() + d);
-  p.needle_position = static_cast<int64_t>(p.ids.size());
-  p.ids.insert(p.ids.end(), needle.begin(), needle.end());
-  p.ids.insert(p.ids.end(), haystack.begin() + d, haystack.begin() + hay);
+  int64_t h = 0;
+  for (const auto& [d, i] : at) {
+    p.ids.insert(p.ids.end(), haystack.begin() + h, haystack.begin() + d);
+    h = d;
+    if (i == 0) p.needle_position = static_cast<int64_t>(p.ids.size());
+    p.ids.insert(p.ids.end(), needles[i].begin(), needles[i].end());
+  }
+  p.ids.insert(p.ids.end(), haystack.begin() + h, haystack.begin() + hay);
   p.ids.insert(p.ids.end(), question.begin(), question.end());
   return p;
 }

@@ -17,12 +17,19 @@ struct Needle {
   std::string needle;
   std::string question;
   std::string answer;
+  // Further needles inserted into the same haystack but not asked about (key-value task): they
+  // make the model retrieve the asked one rather than any one.
+  std::vector<std::string> distractors;
 };
 
 // The classic sentence needle of the DuoAttention / LongBench NIAH evaluation.
 Needle classic_sentence_needle();
 // A numeric passkey needle; the number is drawn from `seed`.
 Needle passkey_needle(uint64_t seed);
+// Key-value retrieval with distractors: `pairs` needles "The special magic number for {key} is:
+// {value}." with distinct adjective-noun keys and 6-digit values (the demo models' training
+// wording, tools/make_needle_data.py KV_WORDINGS[0]); the first is asked, the others distract.
+Needle kv_needle(uint64_t seed, int64_t pairs);
 
 // Haystack token ids: the .txt files under `dir` (recursively, sorted by path) concatenated, or,
 // when dir is empty, the classic repeated filler ("The grass is green. ..."). Repeated until
@@ -35,8 +42,10 @@ struct NiahPrompt {
   int64_t needle_position = 0;  // token index where the needle starts
 };
 
-// A prompt of exactly `length` tokens with the needle at `depth_percent` (0..100) of the haystack.
-// Throws Error when length is too short to hold BOS, needle and question.
+// A prompt of exactly `length` tokens with the needle at `depth_percent` (0..100) of the haystack
+// and distractor i (of k) at depth_percent + (i + 1) * 100 / (k + 1), wrapped into [0, 100): spread
+// evenly around the asked needle. Throws Error when length is too short to hold BOS, needles and
+// question.
 NiahPrompt build_niah_prompt(const Tokenizer& tok, const std::vector<int32_t>& haystack,
                              const Needle& n, int64_t length, double depth_percent);
 
