@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One device call for an 80 GB card (H100), after `make build` and `scripts/gpu_check.sh stage`
+# here; carry .devrun/gpu. (1) the CUDA test suite; (2) issue 4 DW4: the largest Llama-3-8B-1048k
+# context whose full-attention cache fits (tried from the top down, synthetic prefix, last 32K
+# chunk real), DuoAttention 50% decode at that context, and DuoAttention 50% at 900K; (3) the whole
+# CUDA suite under compute-sanitizer memcheck, 4 shards in parallel, within MEMCHECK_S seconds.
+# Results: $OUT/card80.tar + log.txt.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+G=.devrun/gpu
+O=${OUT:-/tmp/out}; R=$O/card80; mkdir -p "$R"
+trap 'cp "$R/log.txt" "$O/log.txt" 2>/dev/null; tar -C "$O" -cf "$O/card80.tar" card80; rm -rf "$R"' EXIT
+exec > >(tee -a "$R/log.txt") 2>&1
+source scripts/gpu_env.sh
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+cat "$G/commit.txt"
+
+step "CUDA tests"
+timeout 200 "$G/duo_cuda_tests" > "$R/cuda_tests.log" 2>&1; echo "cuda tests rc=$?"
+grep -E "^\[  (PASSED|FAILED) |^\[  FAILED" "$R/cuda_tests.log" | tail -12
+
+L3="--random-weights --config $G/configs/llama-3-8b-1048k.json --synthetic-prefix --decode-steps 20"
+P3="--pattern $G/patterns/Llama-3-8B-Instruct-Gradient-1048k --sparsity 0.5"
+step "DW4: largest full-attention context (from the top down)"
+fit=0
+for n in ${FULL_TRY:-500000 480000 460000 440000 420000 400000}; do
+  bench l3_full_$n 90 $L3 --contexts $n
+  if grep -q '"decode_ms_per_token_median"' "$R/l3_full_$n.json" 2>/dev/null; then fit=$n; break; fi
+  tail -c 300 "$R/l3_full_$n.err"; echo
+done
+echo "largest full-attention context tried that fits: $fit"
+if [[ $fit -gt 0 ]]; then bench l3_duo50_$fit 90 $L3 $P3 --contexts $fit; fi
+step "DW4: DuoAttention 50% at 900K"
+bench l3_duo50_900000 120 $L3 $P3 --contexts 900000
+nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
+
+step "compute-sanitizer memcheck over the whole CUDA suite (4 shards)"
+CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+if [[ -n $CS ]]; then
+  pids=()
+  for i in 0 1 2 3; do
+    GTEST_TOTAL_SHARDS=4 GTEST_SHARD_INDEX=$i timeout "${MEMCHECK_S:-300}" "$CS" --tool memcheck \
+      --leak-check no --error-exitcode 9 "$G/duo_cuda_tests" > "$R/memcheck_$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for i in 0 1 2 3; do wait "${pids[$i]}"; echo "shard $i rc=$?"; done
+  for i in 0 1 2 3; do
+    echo "shard $i: $(grep -cE '^\[       OK \]' "$R/memcheck_$i.log") ok, $(grep -cE '^\[  FAILED  \] [A-Za-z]' "$R/memcheck_$i.log") failed lines; $(grep -E 'ERROR SUMMARY' "$R/memcheck_$i.log" | tail -1)"
+  done
+else
+  echo "compute-sanitizer not found"
+fi
+step "done"
