@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 G=.devrun/gpu
 if [[ "${1:-}" == "stage" ]]; then  # run: everything; tests-niah: CUDA tests + NIAH on both demo models
   rm -rf "$G" && mkdir -p "$G/libs" "$G/patterns"
-  for b in duo duo_cuda_tests duo_attention_bench duo_gemv_bench; do
+  for b in duo duo_cuda_tests duo_attention_bench; do
     strip -o "$G/$b" "build/$b" && gzip "$G/$b"
   done
   cp bench/attention_baseline.py "$G/"

@@ -5,7 +5,7 @@
 G=.devrun/gpu
 mkdir -p "$G/lib"
 for f in "$G"/libs/*.gz; do gunzip -c "$f" > "$G/lib/$(basename "$f" .gz)"; done
-for b in duo duo_cuda_tests duo_attention_bench duo_gemv_bench; do
+for b in duo duo_cuda_tests duo_attention_bench; do
   if [[ -f $G/$b.gz ]]; then gunzip -c "$G/$b.gz" > "$G/$b" && chmod +x "$G/$b"; fi
 done
 export LD_LIBRARY_PATH=$PWD/$G/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}

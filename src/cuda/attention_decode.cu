@@ -29,7 +29,6 @@
 #include <cstdlib>
 
 #include "core/error.h"
-#include "cuda/async_copy.cuh"
 #include "cuda/attention_internal.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/pdl.cuh"
@@ -88,7 +87,7 @@ __device__ __forceinline__ void bf16x8_to_float(const uint4& u, float* f) {
 
 template <int D, int G>
 __global__ void __launch_bounds__(kDecodeThreads)
-    decode_split_kernel(const KArgs a, float* ws, int splits, int stages) {
+    decode_split_kernel(const KArgs a, float* ws, int splits) {
   pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
   pdl_launch_dependents();
   constexpr int LPK = D / 8;     // lanes per key
@@ -131,53 +130,32 @@ __global__ void __launch_bounds__(kDecodeThreads)
     for (int i = 0; i < 8; ++i) o[hh][i] = 0.f;
   }
 
-  // K/V rows stream through a ring of `stages` shared-memory slots per thread, filled by cp.async
-  // (each thread copies and later reads only its own 16-byte chunks: no barriers), so that up to
-  // stages - 1 iterations of loads are in flight without holding registers: that, not the ALUs,
-  // bounds a memory-bound decode (Little's law: ~50-60 KB in flight per SM at ~4 TB/s).
   // The trip count must be warp-uniform (full-mask shuffles below): iterate on the warp's base
   // and let each lane-group mask its keys past e_end.
-  extern __shared__ uint4 ring[];  // [stages][2 (K, V)][kUnroll][kDecodeThreads]
-  const int64_t first = e_begin + static_cast<int64_t>(warp) * KPW * kUnroll;
-  const int64_t step = static_cast<int64_t>(GROUPS) * kUnroll;
-  const int64_t iters = first < e_end ? (e_end - first + step - 1) / step : 0;
-  auto issue = [&](int64_t it) {  // loads of iteration `it` into slot it % stages, one group
-    if (it < iters) {
-      const int64_t e0 = first + it * step + static_cast<int64_t>(kslot) * kUnroll;
-      uint4* slot = ring + static_cast<int64_t>(it % stages) * 2 * kUnroll * kDecodeThreads;
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t e = e0 + u;
-        if (e < e_end) {
-          const bf16 *kp, *vp;
-          if (retrieval) {  // block-uniform: contiguous rows, position == e
-            kp = k_base + e * D;
-            vp = v_base + e * D;
-          } else {
-            const int64_t j = e < kl.a_len ? e : kl.b_begin + (e - kl.a_len);
-            kp = key_row<D>(a, g, false, j, p0, false) + sub * 8;
-            vp = key_row<D>(a, g, false, j, p0, true) + sub * 8;
-          }
-          cp_async16(slot + u * kDecodeThreads + tid, kp);
-          cp_async16(slot + (kUnroll + u) * kDecodeThreads + tid, vp);
-        }
-      }
-    }
-    cp_async_commit();  // an empty group past the end keeps the group count per iteration fixed
-  };
-  for (int64_t it = 0; it + 1 < stages; ++it) issue(it);
-  for (int64_t it = 0; it < iters; ++it) {
-    issue(it + stages - 1);
-    cp_async_wait_at_most(stages - 1);  // iteration it's group has landed
-    const int64_t e0 = first + it * step + static_cast<int64_t>(kslot) * kUnroll;
-    const uint4* slot = ring + static_cast<int64_t>(it % stages) * 2 * kUnroll * kDecodeThreads;
+  for (int64_t wbase = e_begin + static_cast<int64_t>(warp) * KPW * kUnroll; wbase < e_end;
+       wbase += static_cast<int64_t>(GROUPS) * kUnroll) {
+    const int64_t e0 = wbase + static_cast<int64_t>(kslot) * kUnroll;
     uint4 kv[kUnroll], vv[kUnroll];
     bool valid[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      valid[u] = e0 + u < e_end;
-      kv[u] = valid[u] ? slot[u * kDecodeThreads + tid] : make_uint4(0, 0, 0, 0);
-      vv[u] = valid[u] ? slot[(kUnroll + u) * kDecodeThreads + tid] : make_uint4(0, 0, 0, 0);
+      const int64_t e = e0 + u;
+      valid[u] = e < e_end;
+      kv[u] = make_uint4(0, 0, 0, 0);
+      vv[u] = make_uint4(0, 0, 0, 0);
+      if (valid[u]) {
+        const bf16 *kp, *vp;
+        if (retrieval) {  // block-uniform: contiguous rows, position == e
+          kp = k_base + e * D;
+          vp = v_base + e * D;
+        } else {
+          const int64_t j = e < kl.a_len ? e : kl.b_begin + (e - kl.a_len);
+          kp = key_row<D>(a, g, false, j, p0, false) + sub * 8;
+          vp = key_row<D>(a, g, false, j, p0, true) + sub * 8;
+        }
+        kv[u] = __ldg(reinterpret_cast<const uint4*>(kp));
+        vv[u] = __ldg(reinterpret_cast<const uint4*>(vp));
+      }
     }
     float s[kUnroll][G];
 #pragma unroll
@@ -359,34 +337,13 @@ __global__ void __launch_bounds__(D) decode_merge_kernel(const KArgs a, const fl
 
 // Occupancy of one decode kernel instantiation (blocks per SM), cached. Queried (no-throw) once
 // from attention_workspace_bytes() too, so that a graph capture never makes the first query.
-// Pipeline depth of the split kernel (DUO_DECODE_STAGES=1..4 for tuning; 4 by default) and the
-// shared memory it takes: one 16-byte K and V chunk per key slot and thread per stage.
-int decode_stages() {
-  static const int v = [] {
-    const char* e = std::getenv("DUO_DECODE_STAGES");
-    const int s = e == nullptr ? 4 : std::atoi(e);
-    return s >= 1 && s <= 4 ? s : 4;
-  }();
-  return v;
-}
-size_t decode_smem_bytes(int stages) {
-  return static_cast<size_t>(stages) * 2 * kUnroll * kDecodeThreads * sizeof(uint4);
-}
-
-// Occupancy of one decode kernel instantiation (blocks per SM) at decode_stages(), cached; also
-// raises the kernel's dynamic shared-memory limit. Queried (no-throw) once from
-// attention_workspace_bytes() too, so that a graph capture never makes the first query.
 template <int D, int G>
 int decode_occupancy() {
   static std::atomic<int> occ{0};  // the same value from every thread
   if (occ == 0) {
-    const size_t smem = decode_smem_bytes(decode_stages());
     int v = 0;
-    if (cudaFuncSetAttribute(decode_split_kernel<D, G>,
-                             cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(smem)) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, decode_split_kernel<D, G>, kDecodeThreads,
-                                                      smem) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, decode_split_kernel<D, G>, kDecodeThreads,
+                                                      0) != cudaSuccess) {
       cudaGetLastError();
       return 1;
     }
@@ -434,9 +391,8 @@ void launch_decode_g(const KArgs& a, float* ws, int64_t max_splits, bf16* append
   splits = std::max<int64_t>(1, std::min(splits, max_splits));
   const dim3 grid(static_cast<unsigned>(splits),
                   static_cast<unsigned>(a.num_kv_heads * head_tiles));
-  const int stages = decode_stages();
-  launch_pdl(decode_split_kernel<D, G>, grid, kDecodeThreads, decode_smem_bytes(stages), stream, a,
-             ws, static_cast<int>(splits), stages);
+  launch_pdl(decode_split_kernel<D, G>, grid, kDecodeThreads, 0, stream, a, ws,
+             static_cast<int>(splits));
   launch_pdl(decode_merge_kernel<D>, static_cast<unsigned>(a.num_heads), D, 0, stream, a, ws,
              static_cast<int>(splits), append_k, append_v);
 }

@@ -1,15 +1,12 @@
 // Kernels of the CUDA backend (see backend_kernels.h).
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 
 #include "core/error.h"
 #include "cuda/backend_kernels.h"
 #include "cuda/cuda_check.h"
 #include "cuda/pdl.cuh"
-#include "cuda/streaming_load.cuh"
 #include "engine/random_fill.h"
 
 namespace duo::cuda::kernels {
@@ -212,94 +209,6 @@ __global__ void add_kernel(bf16* x, const bf16* y, int64_t n) {
     x[i] = __float2bfloat16(__bfloat162float(x[i]) + __bfloat162float(y[i]));
 }
 
-// One-row GEMM for batch-1 decode: out[r] = w[r, :] . x (+ bias[r]). Decode multiplies a single
-// row by every weight matrix, so the time is the weight bytes over the bandwidth reached; cuBLASLt's
-// tiled kernels reach about half the copy rate on these shapes. One warp per output row, 16-byte
-// loads, kGemvBatch of them in flight per lane. Gated (kGlu): w holds [gate; up] (2m rows) and the
-// warp computes both rows, then out[r] = silu(bf16(g)) * bf16(u): linear() then swiglu(), without
-// the [2m] intermediate or a second kernel.
-constexpr int kGemvWarps = 8;
-constexpr int kGemvBatch = 8;
-
-__device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
-  const auto* pa = reinterpret_cast<const __nv_bfloat162*>(&a);
-  const auto* pb = reinterpret_cast<const __nv_bfloat162*>(&b);
-  float s = 0.0f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 fa = __bfloat1622float2(pa[i]), fb = __bfloat1622float2(pb[i]);
-    s = fmaf(fa.x, fb.x, s);
-    s = fmaf(fa.y, fb.y, s);
-  }
-  return s;
-}
-
-// flags (tuning, DUO_GEMV_FLAGS): kGemvLateTrigger lets the next kernel launch only as this one's
-// blocks finish (early, its blocks would take SM slots from this grid's later waves);
-// kGemvNoPrefetch skips the L2 prefetch; kGemvPersistent sizes the grid to one wave and loops.
-constexpr int kGemvLateTrigger = 1, kGemvNoPrefetch = 2, kGemvPersistent = 4;
-
-template <bool kGlu>
-__global__ void __launch_bounds__(kGemvWarps * 32)
-    gemv_kernel(const bf16* __restrict__ x, const bf16* __restrict__ w,
-                const bf16* __restrict__ bias, bf16* __restrict__ out, int64_t m, int64_t k,
-                int flags) {
-  constexpr int R = kGlu ? 2 : 1;  // weight rows per output
-  const int lane = threadIdx.x & 31;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kGemvWarps;
-  const int64_t vecs = k / 8;  // 16-byte vectors per weight row
-  int64_t row = static_cast<int64_t>(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5);
-  // The weights never depend on the preceding kernel: start pulling this warp's first batch into
-  // L2 while that kernel drains (an L2 prefetch cannot go stale; the loads below come after the
-  // wait). One 128-byte line per lane covers the first batch (32 lanes x 8 x 16 B = 32 lines).
-  if (!(flags & kGemvNoPrefetch) && row < m && lane * 8 < vecs) {
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(w + (row + r * m) * k + lane * 64));
-  }
-  pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
-  if (!(flags & kGemvLateTrigger)) pdl_launch_dependents();
-  const uint4* xv = reinterpret_cast<const uint4*>(x);
-  for (; row < m; row += stride) {
-    const uint4* wr[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) wr[r] = reinterpret_cast<const uint4*>(w + (row + r * m) * k);
-    float acc[R] = {};
-    for (int64_t base = lane; base < vecs; base += 32 * kGemvBatch) {
-      uint4 wv[R][kGemvBatch];
-#pragma unroll
-      for (int j = 0; j < kGemvBatch; ++j) {
-        const int64_t i = base + j * 32;
-#pragma unroll
-        for (int r = 0; r < R; ++r) wv[r][j] = i < vecs ? load_streaming(wr[r] + i) : uint4{};
-      }
-#pragma unroll
-      for (int j = 0; j < kGemvBatch; ++j) {
-        const int64_t i = base + j * 32;
-        if (i < vecs) {
-          const uint4 xx = xv[i];
-#pragma unroll
-          for (int r = 0; r < R; ++r) acc[r] += dot8(wv[r][j], xx);
-        }
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-      for (int off = 16; off > 0; off /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
-    if (lane == 0) {
-      if constexpr (kGlu) {
-        const float g = __bfloat162float(__float2bfloat16(acc[0]));
-        const float u = __bfloat162float(__float2bfloat16(acc[R - 1]));
-        out[row] = __float2bfloat16(g / (1.0f + expf(-g)) * u);
-      } else {
-        out[row] =
-            __float2bfloat16(acc[0] + (bias != nullptr ? __bfloat162float(bias[row]) : 0.0f));
-      }
-    }
-  }
-  if (flags & kGemvLateTrigger) pdl_launch_dependents();
-}
-
 // Fallback GEMM when cuBLASLt offers no algorithm: out[r, c] = sum_i x[r, i] * w[c, i] (+ b[c]),
 // fp32 accumulation, 16x16 tiles.
 __global__ void linear_fallback_kernel(const bf16* x, const bf16* w, const bf16* bias, bf16* out,
@@ -451,55 +360,6 @@ void swiglu(const bf16* gate, const bf16* up, bf16* out, int64_t n, cudaStream_t
 void add(bf16* x, const bf16* y, int64_t n, cudaStream_t stream) {
   if (n <= 0) return;
   launch_pdl(add_kernel, grid_for(n, 256), 256, 0, stream, x, y, n);
-}
-
-bool gemv_supported(const void* x, const void* w, int64_t k) {
-  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  return k > 0 && k % 8 == 0 && aligned(x) && aligned(w);
-}
-
-namespace {
-int gemv_flags() {
-  static const int v = [] {
-    const char* e = std::getenv("DUO_GEMV_FLAGS");
-    return e == nullptr ? kGemvLateTrigger : std::atoi(e);
-  }();
-  return v;
-}
-
-template <bool kGlu>
-void launch_gemv(const bf16* x, const bf16* w, const bf16* bias, bf16* out, int64_t m, int64_t k,
-                 cudaStream_t stream) {
-  if (m <= 0) return;
-  check(gemv_supported(x, w, k), "gemv: k = ", k, " or the x / w alignment is unsupported");
-  const int flags = gemv_flags();
-  int64_t blocks = (m + kGemvWarps - 1) / kGemvWarps;
-  if (flags & kGemvPersistent) {
-    static std::atomic<int> wave{0};  // blocks per SM x SMs, the same value from every thread
-    if (wave == 0) {
-      int dev = 0, sms = 0, per_sm = 0;
-      DUO_CUDA_CHECK(cudaGetDevice(&dev));
-      DUO_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-      DUO_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_kernel<kGlu>,
-                                                                   kGemvWarps * 32, 0));
-      wave = std::max(1, sms * per_sm);
-    }
-    blocks = std::min<int64_t>(blocks, wave);
-  }
-  check(blocks <= 0x7fffffff, "gemv: too many rows");
-  launch_pdl(gemv_kernel<kGlu>, static_cast<unsigned>(blocks), kGemvWarps * 32, 0, stream, x, w,
-             bias, out, m, k, flags);
-}
-}  // namespace
-
-void gemv(const bf16* x, const bf16* w, const bf16* bias, bf16* out, int64_t m, int64_t k,
-          cudaStream_t stream) {
-  launch_gemv<false>(x, w, bias, out, m, k, stream);
-}
-
-void gemv_swiglu(const bf16* x, const bf16* w_gate_up, bf16* out, int64_t m, int64_t k,
-                 cudaStream_t stream) {
-  launch_gemv<true>(x, w_gate_up, nullptr, out, m, k, stream);
 }
 
 void linear_fallback(const bf16* x, const bf16* w, const bf16* bias, bf16* out, int64_t n,

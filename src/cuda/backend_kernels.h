@@ -41,15 +41,6 @@ void swiglu(const bf16* gate, const bf16* up, bf16* out, int64_t n, cudaStream_t
 void add(bf16* x, const bf16* y, int64_t n, cudaStream_t stream);
 // out[r] = index of the largest element of row r of x[rows, cols] (lowest index among equals).
 void argmax_rows(const bf16* x, int64_t rows, int64_t cols, int32_t* out, cudaStream_t stream);
-// One-row GEMM (batch-1 decode, near the weight-streaming bandwidth): out[m] = w[m, k] x[k] + b.
-// Needs gemv_supported(): k % 8 == 0 and x, w 16-byte aligned.
-bool gemv_supported(const void* x, const void* w, int64_t k);
-void gemv(const bf16* x, const bf16* w, const bf16* bias, bf16* out, int64_t m, int64_t k,
-          cudaStream_t stream);
-// out[m] = silu(g) * u with g, u = bf16(rows r and m + r of w_gate_up [2m, k] times x): gemv()
-// then swiglu(), bitwise, in one kernel.
-void gemv_swiglu(const bf16* x, const bf16* w_gate_up, bf16* out, int64_t m, int64_t k,
-                 cudaStream_t stream);
 // Plain tiled GEMM (fallback when cuBLASLt offers no algorithm): out[n, m] = x[n, k] w[m, k]^T + b
 void linear_fallback(const bf16* x, const bf16* w, const bf16* bias, bf16* out, int64_t n,
                      int64_t m, int64_t k, cudaStream_t stream);

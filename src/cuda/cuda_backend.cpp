@@ -374,10 +374,6 @@ class CudaBackend final : public Backend {
           " elements, expected ", m);
     if (n == 0 || m == 0) return;
     const bf16* bptr = bias != nullptr ? bp(*bias) : nullptr;
-    if (n == 1 && use_gemv(x, w)) {  // batch-1 decode: weight streaming, see kernels::gemv
-      cuda::kernels::gemv(bp(x), bp(w), bptr, bp(out), m, k, stream_);
-      return;
-    }
     GemmPlan& plan = gemm_plan(n, m, k, bp(x), bp(w), bp(out), bptr);
     if (!plan.have_algo) {
       cuda::kernels::linear_fallback(bp(x), bp(w), bptr, bp(out), n, m, k, stream_);
@@ -390,17 +386,6 @@ class CudaBackend final : public Backend {
     DUO_CUBLAS_CHECK(cublasLtMatmul(lt_, plan.desc, &alpha, bp(w), plan.a, bp(x), plan.b, &beta,
                                     bp(out), plan.c, bp(out), plan.c, &plan.algo, workspace_,
                                     static_cast<size_t>(workspace_bytes_), stream_));
-  }
-
-  void linear_swiglu(const Tensor& x, const Tensor& w_gate_up, Tensor& gate_up,
-                     Tensor& out) override {
-    const int64_t I = w_gate_up.rows / 2;
-    if (x.rows == 1 && w_gate_up.rows % 2 == 0 && w_gate_up.cols == x.cols && out.rows == 1 &&
-        out.cols == I && use_gemv(x, w_gate_up)) {
-      cuda::kernels::gemv_swiglu(bp(x), bp(w_gate_up), bp(out), I, x.cols, stream_);
-      return;
-    }
-    Backend::linear_swiglu(x, w_gate_up, gate_up, out);
   }
 
   void rope(Tensor& x, int64_t heads, int64_t head_dim, std::span<const int64_t> positions,
@@ -649,15 +634,6 @@ class CudaBackend final : public Backend {
     } else {
       cuda::attention(p, stream_);
     }
-  }
-
-  // The one-row kernel unless DUO_GEMV=0 (A/B timing against cuBLASLt) or the layout needs more.
-  static bool use_gemv(const Tensor& x, const Tensor& w) {
-    static const bool env_on = [] {
-      const char* e = std::getenv("DUO_GEMV");
-      return e == nullptr || std::string_view(e) != "0";
-    }();
-    return env_on && cuda::kernels::gemv_supported(bp(x), bp(w), x.cols);
   }
 
   GemmPlan& gemm_plan(int64_t n, int64_t m, int64_t k, const void* x, const void* w,

@@ -127,14 +127,6 @@ class Backend {
                     const RopeFrequencies& f) = 0;
   // out = silu(gate) * up
   virtual void swiglu(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
-  // gate_up[n, 2I] = linear(x, w_gate_up) (gate rows, then up rows); out[n, I] = swiglu of its
-  // halves. A backend may fuse the two and leave gate_up unwritten (bitwise the same out).
-  virtual void linear_swiglu(const Tensor& x, const Tensor& w_gate_up, Tensor& gate_up,
-                             Tensor& out) {
-    linear(x, w_gate_up, nullptr, gate_up);
-    const int64_t I = w_gate_up.rows / 2;
-    swiglu(view_cols(gate_up, 0, I), view_cols(gate_up, I, 2 * I), out);
-  }
   // x += y
   virtual void add(Tensor& x, const Tensor& y) = 0;
   // add(x, y) then rmsnorm(x, w, eps, out), fused where the backend can (bitwise the same).

@@ -258,6 +258,7 @@ void Model::run(std::span<const int32_t> tokens, int64_t p0, int64_t logit_rows,
          act = rows(act_);
 
   const float eps = static_cast<float>(c.rms_norm_eps);
+  const int64_t I = c.intermediate_size;
   b.embed(embed_, tokens, x);  // x [n, hidden]
   b.rmsnorm(x, layers_[0].attn_norm, eps, xn);
   for (int64_t l = 0; l < c.num_layers; ++l) {
@@ -280,12 +281,14 @@ void Model::run(std::span<const int32_t> tokens, int64_t p0, int64_t logit_rows,
     // MLP block: x += down(silu(gate(xn)) * up(xn))
     if (n == 1) {
       Tensor gu = gate_up1_;
-      b.linear_swiglu(xn, w.w_gate_up, gu, act);  // [1, 2 intermediate] -> [1, intermediate]
+      b.linear(xn, w.w_gate_up, nullptr, gu);  // [1, 2 intermediate]
+      gate = b.view_cols(gu, 0, I);
+      up = b.view_cols(gu, I, 2 * I);
     } else {
       b.linear(xn, w.w_gate, nullptr, gate);  // [n, intermediate]
       b.linear(xn, w.w_up, nullptr, up);      // [n, intermediate]
-      b.swiglu(gate, up, act);
     }
+    b.swiglu(gate, up, act);
     b.linear(act, w.w_down, nullptr, proj);  // [n, hidden]
     if (l + 1 < c.num_layers) {
       b.add_rmsnorm(x, proj, layers_[l + 1].attn_norm, eps, xn);

@@ -38,8 +38,6 @@
 #include <cstring>
 #include <filesystem>
 #include <random>
-#include <string>
-#include <tuple>
 
 #include "core/error.h"
 #include "core/file_util.h"
@@ -234,63 +232,6 @@ TEST_F(CudaOps, LinearWithAndWithoutBias) {
         expect_guards_intact(*gpu, og, "linear");
       }
     }
-}
-
-// Batch-1 decode rows go to the one-row kernel (kernels::gemv) when k % 8 == 0 and x, w are
-// 16-byte aligned: partial batches (k = 8, 264), long rows (14336), m not a multiple of the 8 rows
-// per block; a view of x at column 4 (8-byte aligned) takes cuBLASLt instead. Same bounds as above.
-TEST_F(CudaOps, LinearOneRowKernelOnAwkwardShapes) {
-  for (auto [m, k] : {std::pair<int64_t, int64_t>{1, 8}, {37, 8}, {33, 264}, {1001, 4096},
-                      {13, 14336}, {4097, 520}}) {
-    auto x = random_vec(k + 8, 30 + static_cast<uint32_t>(k));
-    auto w = random_vec(m * k, 31 + static_cast<uint32_t>(m), 0.05f);
-    auto bias = random_vec(m, 32);
-    Tensor xg_all = gpu->upload(x.data(), 1, k + 8), xc_all = cpu->upload(x.data(), 1, k + 8);
-    Tensor wg = gpu->upload(w.data(), m, k), wc = cpu->upload(w.data(), m, k);
-    Tensor bg = gpu->upload(bias.data(), 1, m), bc = cpu->upload(bias.data(), 1, m);
-    for (int64_t col0 : {0, 4})
-      for (bool with_bias : {false, true}) {
-        Tensor xg = gpu->view_cols(xg_all, col0, col0 + k),
-               xc = cpu->view_cols(xc_all, col0, col0 + k);
-        Guarded og = guarded(*gpu, 1, m);
-        Tensor oc = cpu->alloc(1, m);
-        gpu->linear(xg, wg, with_bias ? &bg : nullptr, og.out);
-        cpu->linear(xc, wc, with_bias ? &bc : nullptr, oc);
-        const std::string what = "one-row linear m" + std::to_string(m) + " k" +
-                                 std::to_string(k) + " x+" + std::to_string(col0) +
-                                 (with_bias ? " +bias" : "");
-        EXPECT_OP_CLOSE(gpu->download(og.out, 0, 1), cpu->download(oc, 0, 1), what);
-        expect_guards_intact(*gpu, og, what);
-      }
-  }
-}
-
-// linear_swiglu: fused for one row (bitwise equal to the unfused linear + swiglu on the GPU),
-// the default linear + swiglu for more rows; both against the CPU.
-TEST_F(CudaOps, LinearSwigluFusedForOneRow) {
-  for (auto [n, I, k] : {std::tuple<int64_t, int64_t, int64_t>{1, 37, 64}, {1, 1000, 4096},
-                         {1, 5, 14336}, {3, 37, 64}, {1, 9, 13}}) {
-    auto x = random_vec(n * k, 40 + static_cast<uint32_t>(k));
-    auto w = random_vec(2 * I * k, 41 + static_cast<uint32_t>(I), 0.05f);
-    Tensor xg = gpu->upload(x.data(), n, k), xc = cpu->upload(x.data(), n, k);
-    Tensor wg = gpu->upload(w.data(), 2 * I, k), wc = cpu->upload(w.data(), 2 * I, k);
-    Tensor gug = gpu->alloc(n, 2 * I), guc = cpu->alloc(n, 2 * I);
-    Guarded og = guarded(*gpu, n, I);
-    Tensor oc = cpu->alloc(n, I);
-    gpu->linear_swiglu(xg, wg, gug, og.out);
-    cpu->linear_swiglu(xc, wc, guc, oc);
-    const std::string what = "linear_swiglu n" + std::to_string(n) + " I" + std::to_string(I) +
-                             " k" + std::to_string(k);
-    const auto got = gpu->download(og.out, 0, n);
-    EXPECT_OP_CLOSE(got, cpu->download(oc, 0, n), what);
-    expect_guards_intact(*gpu, og, what);
-    if (n == 1) {  // the unfused GPU path: the same one-row dot products, rounded, then swiglu
-      Tensor gu2 = gpu->alloc(1, 2 * I), o2 = gpu->alloc(1, I);
-      gpu->linear(xg, wg, nullptr, gu2);
-      gpu->swiglu(gpu->view_cols(gu2, 0, I), gpu->view_cols(gu2, I, 2 * I), o2);
-      EXPECT_EQ(got, gpu->download(o2, 0, 1)) << what << ": fused != linear then swiglu";
-    }
-  }
 }
 
 TEST_F(CudaOps, LinearOnRowViewsWithOddOffsets) {
