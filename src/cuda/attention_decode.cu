@@ -27,10 +27,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <string_view>
 
 #include "core/error.h"
+#include "cuda/async_copy.cuh"
 #include "cuda/attention_internal.cuh"
 #include "cuda/cuda_check.h"
+#include "cuda/mma_bf16.cuh"
 #include "cuda/pdl.cuh"
 
 namespace duo::cuda {
@@ -68,12 +71,14 @@ __device__ __forceinline__ KeyList decode_keys(const KArgs& a, bool retrieval, i
   return k;
 }
 
-template <int D>
-__device__ __forceinline__ int64_t split_len(int64_t count, int splits) {
-  constexpr int kPerIter = (32 / (D / 8)) * kUnroll * (kDecodeThreads / 32);
+// Keys per split: an equal share rounded up to whole iterations of `unit` keys (the split kernel's
+// step; the merge kernel recomputes the same lengths to know which splits were used).
+__device__ __forceinline__ int64_t split_len(int64_t count, int splits, int unit) {
   int64_t len = (count + splits - 1) / splits;
-  return (len + kPerIter - 1) / kPerIter * kPerIter;
+  return (len + unit - 1) / unit * unit;
 }
+template <int D>
+constexpr int kSimtUnit = (32 / (D / 8)) * kUnroll * (kDecodeThreads / 32);
 
 __device__ __forceinline__ void bf16x8_to_float(const uint4& u, float* f) {
   const __nv_bfloat162* b = reinterpret_cast<const __nv_bfloat162*>(&u);
@@ -100,7 +105,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const int h0 = g * a.group + (blockIdx.y % head_tiles) * G;
   const bool retrieval = g < a.num_retrieval;
   const KeyList kl = decode_keys(a, retrieval, p0);
-  const int64_t len = split_len<D>(kl.count, splits);
+  const int64_t len = split_len(kl.count, splits, kSimtUnit<D>);
   const int64_t e_begin = static_cast<int64_t>(blockIdx.x) * len;
   if (e_begin >= kl.count) return;  // unused split
   const int64_t e_end = e_begin + len < kl.count ? e_begin + len : kl.count;
@@ -267,9 +272,207 @@ __global__ void __launch_bounds__(kDecodeThreads)
   }
 }
 
+// Tensor-core split kernel (the default on sm_80+): grid (splits, num_kv_heads * head_tiles),
+// 4 warps. A block takes KV head g and up to 16 of its query heads as the rows of one m16 tile
+// (rows past the group are zero), and one split of g's visible keys, walked in tiles of kMmaBN
+// keys through a kMmaStages-deep cp.async ring in shared memory. Warp w owns keys [16w, 16w + 16)
+// of every tile: S = Q K^T (16 x 16, mma m16n8k16), base-2 online softmax per row, O += P V
+// (16 x D). The four warps' (m, l, O) then merge through shared memory and the block writes
+// (o unnormalised, m, l) per query head, as decode_split_kernel does, for decode_merge_kernel.
+// The SIMT kernel spent its issue slots on 16-lane shuffle reductions per key and head and topped
+// out near 3.3 TB/s; here QK^T and PV cost a few mma per 16 keys and the loads are the bound.
+constexpr int kMmaBN = 64, kMmaStages = 3, kMmaThreads = 128;
+template <int D>
+constexpr int kMmaLds = D + 8;  // padded row (elements): conflict-free ldmatrix
+template <int D>
+constexpr size_t kMmaSmemBytes =
+    (static_cast<size_t>(16) + 2 * kMmaStages * kMmaBN) * kMmaLds<D> * sizeof(bf16);
+
+template <int D>
+__global__ void __launch_bounds__(kMmaThreads)
+    decode_mma_split_kernel(const KArgs a, float* ws, int splits) {
+  pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
+  pdl_launch_dependents();
+  constexpr int LDS = kMmaLds<D>, KD = D / 16, CPR = D / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sQ = reinterpret_cast<bf16*>(smem_raw);           // [16][LDS]
+  bf16* sK = sQ + 16 * LDS;                               // [stages][kMmaBN][LDS]
+  bf16* sV = sK + kMmaStages * kMmaBN * LDS;              // [stages][kMmaBN][LDS]
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int64_t p0 = load_p0(a);
+  const int head_tiles = (a.group + 15) / 16;
+  const int g = blockIdx.y / head_tiles;
+  const int h0 = g * a.group + (blockIdx.y % head_tiles) * 16;
+  const int rows = min(16, g * a.group + a.group - h0);  // query heads in this tile
+  const bool retrieval = g < a.num_retrieval;
+  const KeyList kl = decode_keys(a, retrieval, p0);
+  const int64_t len = split_len(kl.count, splits, kMmaBN);
+  const int64_t e_begin = static_cast<int64_t>(blockIdx.x) * len;
+  if (e_begin >= kl.count) return;  // unused split
+  const int64_t e_end = e_begin + len < kl.count ? e_begin + len : kl.count;
+  const int ntiles = static_cast<int>((e_end - e_begin + kMmaBN - 1) / kMmaBN);
+
+  for (int c = tid; c < 16 * CPR; c += kMmaThreads) {  // Q rows, zero past the group
+    const int r = c / CPR, col = (c % CPR) * 8;
+    const bool ok = r < rows;
+    cp_async16(sQ + r * LDS + col, a.q + static_cast<int64_t>(ok ? h0 + r : h0) * D + col, ok);
+  }
+  auto load_tile = [&](int t) {
+    bf16* dk = sK + (t % kMmaStages) * kMmaBN * LDS;
+    bf16* dv = sV + (t % kMmaStages) * kMmaBN * LDS;
+    for (int c = tid; c < kMmaBN * CPR; c += kMmaThreads) {
+      const int r = c / CPR, col = (c % CPR) * 8;
+      const int64_t e = e_begin + static_cast<int64_t>(t) * kMmaBN + r;
+      const bool ok = e < e_end;
+      const bf16 *kp = a.q, *vp = a.q;  // any valid address when !ok (nothing is read)
+      if (ok && retrieval) {  // contiguous rows, position == e
+        kp = a.rk + (static_cast<int64_t>(g) * a.capacity + e) * D + col;
+        vp = a.rv + (static_cast<int64_t>(g) * a.capacity + e) * D + col;
+      } else if (ok) {
+        const int64_t j = e < kl.a_len ? e : kl.b_begin + (e - kl.a_len);
+        kp = key_row<D>(a, g, false, j, p0, false) + col;
+        vp = key_row<D>(a, g, false, j, p0, true) + col;
+      }
+      cp_async16(dk + r * LDS + col, kp, ok);
+      cp_async16(dv + r * LDS + col, vp, ok);
+    }
+  };
+  // Group t holds tile t (group 0 also Q); empty groups past the end keep the count per step.
+#pragma unroll
+  for (int t = 0; t < kMmaStages - 1; ++t) {
+    if (t < ntiles) load_tile(t);
+    cp_async_commit();
+  }
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;  // rows lane/4 and lane/4 + 8
+  uint32_t qf[KD][4];
+  for (int t = 0; t < ntiles; ++t) {
+    if (t + kMmaStages - 1 < ntiles) load_tile(t + kMmaStages - 1);
+    cp_async_commit();
+    cp_async_wait<kMmaStages - 1>();
+    __syncthreads();
+    if (t == 0) {
+#pragma unroll
+      for (int kk = 0; kk < KD; ++kk)
+        ldmatrix_x4(qf[kk], sQ + (lane % 16) * LDS + kk * 16 + (lane / 16) * 8);
+    }
+    const bf16* cK = sK + (t % kMmaStages) * kMmaBN * LDS + warp * 16 * LDS;
+    const bf16* cV = sV + (t % kMmaStages) * kMmaBN * LDS + warp * 16 * LDS;
+    float s[2][4] = {};  // S = Q K^T over this warp's 16 keys
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+      uint32_t b[4];
+      ldmatrix_x4(b, cK + ((lane % 8) + (lane / 16) * 8) * LDS + kk * 16 + ((lane / 8) % 2) * 8);
+      mma_bf16(s[0], qf[kk], b[0], b[1]);
+      mma_bf16(s[1], qf[kk], b[2], b[3]);
+    }
+    // Keys past the split's end were zero-filled: mask them. Every other key is visible.
+    const int64_t key0 = e_begin + static_cast<int64_t>(t) * kMmaBN + warp * 16;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const bool in = key0 + nt * 8 + (lane % 4) * 2 + e < e_end;
+        s[nt][e] = in ? s[nt][e] * a.scale_log2 : -INFINITY;
+        s[nt][2 + e] = in ? s[nt][2 + e] * a.scale_log2 : -INFINITY;
+      }
+    float mx_a = fmaxf(m_a, fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1])));
+    float mx_b = fmaxf(m_b, fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3])));
+    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+    const float base_a = mx_a == -INFINITY ? 0.f : mx_a;
+    const float base_b = mx_b == -INFINITY ? 0.f : mx_b;
+    const float alpha_a = exp2f(m_a - base_a), alpha_b = exp2f(m_b - base_b);
+    m_a = mx_a;
+    m_b = mx_b;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      s[nt][0] = exp2f(s[nt][0] - base_a);
+      s[nt][1] = exp2f(s[nt][1] - base_a);
+      s[nt][2] = exp2f(s[nt][2] - base_b);
+      s[nt][3] = exp2f(s[nt][3] - base_b);
+    }
+    l_a = l_a * alpha_a + s[0][0] + s[0][1] + s[1][0] + s[1][1];
+    l_b = l_b * alpha_b + s[0][2] + s[0][3] + s[1][2] + s[1][3];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      o[i][0] *= alpha_a;
+      o[i][1] *= alpha_a;
+      o[i][2] *= alpha_b;
+      o[i][3] *= alpha_b;
+    }
+    uint32_t pa[4];  // P as the A operand (16 rows x the warp's 16 keys)
+    pa[0] = pack_bf16(s[0][0], s[0][1]);
+    pa[1] = pack_bf16(s[0][2], s[0][3]);
+    pa[2] = pack_bf16(s[1][0], s[1][1]);
+    pa[3] = pack_bf16(s[1][2], s[1][3]);
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, cV + ((lane % 8) + ((lane / 8) % 2) * 8) * LDS + dp * 16 + (lane / 16) * 8);
+      mma_bf16(o[2 * dp], pa, b[0], b[1]);
+      mma_bf16(o[2 * dp + 1], pa, b[2], b[3]);
+    }
+    __syncthreads();  // the slot is refilled next step
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
+  l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
+  l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
+  l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+  // Merge the 4 warps (rows < `rows` only) through the now idle K ring: red[warp][row][D + 2].
+  float* red = reinterpret_cast<float*>(sK);
+  const int ra = lane / 4, rb = ra + 8;
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) {
+    const int c = nt * 8 + (lane % 4) * 2;
+    float* wa = red + (warp * 16 + ra) * (D + 2);
+    float* wb = red + (warp * 16 + rb) * (D + 2);
+    wa[c] = o[nt][0];
+    wa[c + 1] = o[nt][1];
+    wb[c] = o[nt][2];
+    wb[c + 1] = o[nt][3];
+  }
+  if (lane % 4 == 0) {
+    red[(warp * 16 + ra) * (D + 2) + D] = m_a;
+    red[(warp * 16 + ra) * (D + 2) + D + 1] = l_a;
+    red[(warp * 16 + rb) * (D + 2) + D] = m_b;
+    red[(warp * 16 + rb) * (D + 2) + D + 1] = l_b;
+  }
+  __syncthreads();
+  for (int idx = tid; idx < rows * D; idx += kMmaThreads) {
+    const int r = idx / D, d = idx % D;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) mx = fmaxf(mx, red[(w * 16 + r) * (D + 2) + D]);
+    const float base = mx == -INFINITY ? 0.f : mx;
+    float acc = 0.f, lsum = 0.f;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const float* row = red + (w * 16 + r) * (D + 2);
+      const float f = exp2f(row[D] - base);
+      acc += row[d] * f;
+      lsum += row[D + 1] * f;
+    }
+    float* dst = ws + (static_cast<int64_t>(blockIdx.x) * a.num_heads + h0 + r) * (D + 2);
+    dst[d] = acc;
+    if (d == 0) {
+      dst[D] = mx;
+      dst[D + 1] = lsum;
+    }
+  }
+}
+
 template <int D>
 __global__ void __launch_bounds__(D) decode_merge_kernel(const KArgs a, const float* ws, int splits,
-                                                         bf16* append_k, bf16* append_v) {
+                                                         int unit, bf16* append_k,
+                                                         bf16* append_v) {
   pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
   pdl_launch_dependents();
   constexpr int W = D / 32;
@@ -280,7 +483,7 @@ __global__ void __launch_bounds__(D) decode_merge_kernel(const KArgs a, const fl
   const int g = h / a.group;
   const bool retrieval = g < a.num_retrieval;
   const KeyList kl = decode_keys(a, retrieval, p0);
-  const int64_t len = split_len<D>(kl.count, splits);
+  const int64_t len = split_len(kl.count, splits, unit);
   const int used = kl.count <= 0 ? 0 : static_cast<int>((kl.count + len - 1) / len);
   const int d = threadIdx.x, warp = d / 32, lane = d % 32;
   const int64_t stride = static_cast<int64_t>(a.num_heads) * (D + 2);
@@ -352,6 +555,34 @@ int decode_occupancy() {
   return occ;
 }
 
+// DUO_DECODE_MMA=0: the SIMT split kernel instead of the tensor-core one (A/B timing, tests).
+bool decode_mma_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("DUO_DECODE_MMA");
+    return e == nullptr || std::string_view(e) != "0";
+  }();
+  return on;
+}
+
+// Occupancy of the tensor-core split kernel (blocks per SM), cached; also raises its dynamic
+// shared-memory limit (the ring is over 48 KB). Warmed like decode_occupancy().
+template <int D>
+int decode_mma_occupancy() {
+  static std::atomic<int> occ{0};
+  if (occ == 0) {
+    int v = 0;
+    if (cudaFuncSetAttribute(decode_mma_split_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(kMmaSmemBytes<D>)) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, decode_mma_split_kernel<D>, kMmaThreads,
+                                                      kMmaSmemBytes<D>) != cudaSuccess) {
+      cudaGetLastError();
+      return 1;
+    }
+    occ = v > 0 ? v : 1;
+  }
+  return occ;
+}
+
 void warm_decode_occupancy() {
   try {
     (void)device_num_sms();
@@ -366,6 +597,8 @@ void warm_decode_occupancy() {
   decode_occupancy<64, 2>();
   decode_occupancy<64, 4>();
   decode_occupancy<64, 8>();
+  decode_mma_occupancy<128>();
+  decode_mma_occupancy<64>();
 }
 
 // DUO_ATTN_SPLITS=N forces the split count (still capped by the workspace): a tuning knob.
@@ -394,12 +627,34 @@ void launch_decode_g(const KArgs& a, float* ws, int64_t max_splits, bf16* append
   launch_pdl(decode_split_kernel<D, G>, grid, kDecodeThreads, 0, stream, a, ws,
              static_cast<int>(splits));
   launch_pdl(decode_merge_kernel<D>, static_cast<unsigned>(a.num_heads), D, 0, stream, a, ws,
-             static_cast<int>(splits), append_k, append_v);
+             static_cast<int>(splits), kSimtUnit<D>, append_k, append_v);
+}
+
+template <int D>
+void launch_decode_mma(const KArgs& a, float* ws, int64_t max_splits, bf16* append_k,
+                       bf16* append_v, cudaStream_t stream) {
+  const int head_tiles = (a.group + 15) / 16;
+  // Split count as launch_decode_g: one full wave over the retrieval heads' blocks.
+  const int64_t rows = static_cast<int64_t>(std::max(a.num_retrieval, 1)) * head_tiles;
+  const int64_t wave = static_cast<int64_t>(decode_mma_occupancy<D>()) * device_num_sms();
+  int64_t splits = std::max<int64_t>(1, wave / rows);
+  if (forced_splits() > 0) splits = forced_splits();
+  splits = std::max<int64_t>(1, std::min(splits, max_splits));
+  const dim3 grid(static_cast<unsigned>(splits),
+                  static_cast<unsigned>(a.num_kv_heads * head_tiles));
+  launch_pdl(decode_mma_split_kernel<D>, grid, kMmaThreads, kMmaSmemBytes<D>, stream, a, ws,
+             static_cast<int>(splits));
+  launch_pdl(decode_merge_kernel<D>, static_cast<unsigned>(a.num_heads), D, 0, stream, a, ws,
+             static_cast<int>(splits), kMmaBN, append_k, append_v);
 }
 
 template <int D>
 void launch_decode(const KArgs& a, float* ws, int64_t max_splits, bf16* append_k, bf16* append_v,
                    cudaStream_t stream) {
+  if (decode_mma_enabled()) {
+    launch_decode_mma<D>(a, ws, max_splits, append_k, append_v, stream);
+    return;
+  }
   if (a.group % 8 == 0)
     launch_decode_g<D, 8>(a, ws, max_splits, append_k, append_v, stream);
   else if (a.group % 4 == 0)

@@ -332,8 +332,9 @@ std::vector<Case> single_call_cases() {
     v.push_back(mk("edge_prefill_p" + std::to_string(p0), 128, 8, 4, 2, 16, 32, p0, 3));
   }
   v.push_back(mk("edge_prefill_span", 128, 8, 4, 2, 16, 32, 40, 70));
-  // GQA group 1, 2, 4, 8 (and a group of 6 for the decode head-tiling).
-  for (int grp : {1, 2, 4, 6, 8}) {
+  // GQA group 1, 2, 4, 8 (and groups of 6 and 20 for the decode head-tiling: the tensor-core
+  // split kernel takes up to 16 query heads per block, so 20 needs two tiles, the second partial).
+  for (int grp : {1, 2, 4, 6, 8, 20}) {
     v.push_back(mk("gqa" + std::to_string(grp) + "_prefill", 128, 2 * grp, 2, 1, 4, 8, 30, 45));
     v.push_back(mk("gqa" + std::to_string(grp) + "_decode", 128, 2 * grp, 2, 1, 4, 8, 75, 1, 1));
     v.push_back(mk("gqa" + std::to_string(grp) + "_d64_decode", 64, 2 * grp, 2, 1, 4, 8, 75, 1, 1));
