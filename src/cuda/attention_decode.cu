@@ -10,6 +10,8 @@
 // block, D/8 lanes own one key (16-byte loads), each lane-group takes 4 keys per iteration (8
 // independent 16-byte loads in flight per thread), fp32 online softmax per lane-group, then the
 // block combines its lane-groups and writes (o unnormalised, m, l) per query head to the workspace.
+// For GQA groups of 4 or more a tensor-core split kernel (decode_mma_split_kernel, below) takes
+// the place of this SIMT one; both write the same per-split (o, m, l).
 // Merge kernel: one block per query head, one thread per dim; log-sum-exp over the used splits.
 // attention_append_streaming() folds the streaming-store append of the new token into the merge
 // kernel (the split kernel, the only reader of that store, has completed by then).
@@ -272,7 +274,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
   }
 }
 
-// Tensor-core split kernel (the default on sm_80+): grid (splits, num_kv_heads * head_tiles),
+// Tensor-core split kernel (GQA groups >= 4, decode_use_mma): grid (splits, num_kv_heads * head_tiles),
 // 4 warps. A block takes KV head g and up to 16 of its query heads as the rows of one m16 tile
 // (rows past the group are zero), and one split of g's visible keys, walked in tiles of kMmaBN
 // keys through a kMmaStages-deep cp.async ring in shared memory. Warp w owns keys [16w, 16w + 16)
@@ -555,13 +557,19 @@ int decode_occupancy() {
   return occ;
 }
 
-// DUO_DECODE_MMA=0: the SIMT split kernel instead of the tensor-core one (A/B timing, tests).
-bool decode_mma_enabled() {
-  static const bool on = [] {
+// Which split kernel: the tensor-core one for GQA groups of 4 or more, the SIMT one below that.
+// Measured on an H200 (bench/results/attention_h200.md): the tensor-core kernel reads the KV cache
+// at 0.98x / 0.95x of torch SDPA's bandwidth at 128K / 512K with 32 query and 8 KV heads (the SIMT
+// kernel 0.82x / 0.76x), but end to end with MHA (Llama-2-7B, group 1) the SIMT kernel, whose work
+// per byte is a quarter of group 4's, was faster (19.02 vs 20.61 ms per token at 120K).
+// DUO_DECODE_MMA=0 / 1 forces either kernel (A/B timing, tests).
+bool decode_use_mma(int group) {
+  static const int forced = [] {
     const char* e = std::getenv("DUO_DECODE_MMA");
-    return e == nullptr || std::string_view(e) != "0";
+    if (e == nullptr) return -1;
+    return std::string_view(e) == "0" ? 0 : 1;
   }();
-  return on;
+  return forced >= 0 ? forced == 1 : group >= 4;
 }
 
 // Occupancy of the tensor-core split kernel (blocks per SM), cached; also raises its dynamic
@@ -651,7 +659,7 @@ void launch_decode_mma(const KArgs& a, float* ws, int64_t max_splits, bf16* appe
 template <int D>
 void launch_decode(const KArgs& a, float* ws, int64_t max_splits, bf16* append_k, bf16* append_v,
                    cudaStream_t stream) {
-  if (decode_mma_enabled()) {
+  if (decode_use_mma(a.group)) {
     launch_decode_mma<D>(a, ws, max_splits, append_k, append_v, stream);
     return;
   }
