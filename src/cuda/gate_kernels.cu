@@ -8,6 +8,7 @@
 #include "core/error.h"
 #include "cuda/cuda_check.h"
 #include "cuda/gate_kernels.h"
+#include "cuda/gate_window.cuh"
 #include "engine/random_fill.h"
 
 namespace duo::cuda::gate_kernels {
@@ -289,50 +290,7 @@ __global__ void sum_kernel(const double* v, int64_t n, double* out) {
 }
 
 // ---- windowed attention (fp32) ----
-// Keys of query t: [0, a1) then [b0, b1) (identify/gate_ops.h AttnWindow::keys).
-
-struct KR {
-  int64_t a1, b0, b1;
-};
-
-__device__ __forceinline__ KR window_keys(const Window& w, int64_t t) {
-  KR k;
-  if (w.kind == 0) {
-    k.a1 = t + 1;
-    k.b0 = k.b1 = t + 1;
-    return k;
-  }
-  int64_t recent_begin = t - w.recent + 1;
-  if (w.kind == 2) recent_begin = (t / w.block - w.recent / w.block + 1) * w.block;
-  k.a1 = min(w.sink, t + 1);
-  k.b0 = max(k.a1, recent_begin);
-  k.b1 = t + 1;
-  if (k.b0 > k.b1) k.b0 = k.b1;
-  return k;
-}
-__device__ __forceinline__ bool visible(const KR& k, int64_t j) {
-  return j < k.a1 || (j >= k.b0 && j < k.b1);
-}
-// The last query that sees key j (n - 1 for sinks and full attention).
-__device__ __forceinline__ int64_t last_query(const Window& w, int64_t j, int64_t n) {
-  if (w.kind == 0 || j < w.sink) return n - 1;
-  if (w.kind == 1) return min(n - 1, j + w.recent - 1);
-  return min(n - 1, (j / w.block + w.recent / w.block) * w.block - 1);
-}
-
-// Union of the keys of rows [t0, t1): [0, a1) and [b0, b1) (block_key_union in gate_ops.h).
-__device__ __forceinline__ KR key_union(const Window& w, int64_t t0, int64_t t1) {
-  const KR first = window_keys(w, t0), last = window_keys(w, t1 - 1);
-  KR u;
-  u.a1 = last.a1;
-  if (w.kind == 0) {
-    u.b0 = u.b1 = u.a1;
-    return u;
-  }
-  u.b1 = t1;
-  u.b0 = min(max(first.b0, u.a1), u.b1);
-  return u;
-}
+// Key ranges of a query: gate_window.cuh.
 
 constexpr int kBK = 32;       // keys per tile (one per lane)
 constexpr int kRowWarps = 8;  // row-centric kernels: 8 warps
