@@ -190,11 +190,15 @@ void identify_profile(const IdentifyArgs& a) {
     const double step = median(step_s);
     const int64_t peak = model->peak_device_bytes();
     const int64_t driver = driver_used_bytes("cuda");
-    std::printf("%9lld %12.3f %12.3f %12.3f %12.2f %12.2f  (window attention on %s, %s)\n",
-                static_cast<long long>(n), step, median(teacher_s), median(student_s),
-                static_cast<double>(peak) / (1 << 30), static_cast<double>(driver) / (1 << 30),
-                model->last_used_tensor_cores() ? "tensor cores" : "fp32 kernels",
-                model->last_kept_activations() ? "activations kept" : "layers recomputed");
+    std::printf(
+        "%9lld %12.3f %12.3f %12.3f %12.2f %12.2f  (window attention on %s; %lld of %lld layers "
+        "kept in a %.2f GiB pool, the others recomputed)\n",
+        static_cast<long long>(n), step, median(teacher_s), median(student_s),
+        static_cast<double>(peak) / (1 << 30), static_cast<double>(driver) / (1 << 30),
+        model->last_used_tensor_cores() ? "tensor cores" : "fp32 kernels",
+        static_cast<long long>(model->last_kept_layers()),
+        static_cast<long long>(cfg.num_layers - 1),
+        static_cast<double>(model->kept_pool_bytes()) / (1 << 30));
     std::fflush(stdout);
     // Per-op device time, mean over the timed steps, split by pass.
     const double steps_d = static_cast<double>(a.profile_steps);
@@ -231,7 +235,9 @@ void identify_profile(const IdentifyArgs& a) {
                     {"driver_used_bytes", driver},
                     {"distill_loss", loss},
                     {"tensor_core_window_attention", model->last_used_tensor_cores()},
-                    {"activations_kept", model->last_kept_activations()}});
+                    {"kept_layers", model->last_kept_layers()},
+                    {"recomputed_layers", cfg.num_layers - 1 - model->last_kept_layers()},
+                    {"kept_pool_bytes", model->kept_pool_bytes()}});
   }
   nlohmann::json j = {{"command", command_line()},
                       {"model", src},

@@ -150,12 +150,11 @@ struct CudaGateModel::Impl {
     bf16 *qb = nullptr, *kb = nullptr, *vb = nullptr;
   };
   Acts cur;  // in the per-n buffers: the teacher, the last layer and every recomputed layer
-  // Layers 0..L-2 of the student forward, when the backward keeps them instead of recomputing
-  // (one allocation, kept_cap tokens, laid out for the tensor-core path or not).
+  // The first kept.size() layers of the student forward when the backward keeps them instead of
+  // recomputing: carved per pass from one pool (keep_for).
   std::vector<Acts> kept;
-  void* kept_mem = nullptr;
-  int64_t kept_cap = 0;
-  bool kept_tc = false;
+  void* pool = nullptr;
+  int64_t pool_bytes = 0;
   float *xn1 = nullptr, *mix = nullptr, *xn2 = nullptr, *act = nullptr, *y = nullptr,
         *invf = nullptr, *dx = nullptr, *dxn = nullptr, *dq = nullptr, *dk = nullptr, *dv = nullptr,
         *dt = nullptr, *cosb = nullptr, *sinb = nullptr;
@@ -165,7 +164,8 @@ struct CudaGateModel::Impl {
   bf16 *store_k = nullptr, *store_v = nullptr;
   void* tc_ws = nullptr;  // the tensor-core attention backward's workspace
   int64_t tc_ws_bytes = 0;
-  bool last_tc = false, last_kept = false;
+  bool last_tc = false;
+  int64_t last_kept = 0;
   int32_t* ids = nullptr;
   double *row_loss = nullptr, *total = nullptr, *partial = nullptr, *dgate = nullptr;
   float* gates = nullptr;
@@ -328,7 +328,7 @@ struct CudaGateModel::Impl {
     DUO_CUDA_CHECK(cudaStreamSynchronize(st));
     for (void* p : per_n) mem.free(p);
     per_n.clear();
-    drop_kept();  // the per-n buffers first; keep_for() decides again with what is left
+    drop_pool();  // the per-n buffers first; keep_for() sizes the pool with what is left
     mem.free(tc_ws);
     tc_ws = nullptr;
     tc_ws_bytes = 0;
@@ -390,43 +390,51 @@ struct CudaGateModel::Impl {
     const int64_t H = c.hidden_size, I = c.intermediate_size, qd = c.q_dim(), kd = c.kv_dim();
     return 4 * (2 + qd + c.num_heads + H + 2 * I) + (tc ? 2 : 4) * (qd + 2 * kd);
   }
-  void drop_kept() {
-    mem.free(kept_mem);
-    kept_mem = nullptr;
+  void drop_pool() {
+    mem.free(pool);
+    pool = nullptr;
+    pool_bytes = 0;
     kept.clear();
-    kept_cap = 0;
   }
-  // Whether the student pass over n tokens can keep layers 0..L-2 for its backward: kept sets
-  // of at least n tokens for this attention path exist, or fit now. With kAuto they must fit in
-  // the free device memory less a margin for what a step allocates besides (cuBLAS workspace,
-  // the attention workspace, the driver's own): max(1 GiB, 3% of the card). Existing sets are
-  // replaced only by larger ones that fit, so a long sequence does not evict them for nothing.
-  bool keep_for(int64_t n, bool tc) {
+  // How many of layers 0..L-2 the student pass over n tokens keeps for its backward (the others
+  // are recomputed there), and their activation sets carved from the pool. The pool grows to what
+  // all L - 1 layers need at n, or with kAuto to what is free less a margin for what a step
+  // allocates besides (cuBLAS, the attention workspace, the driver): max(1 GiB, 3% of the card).
+  // It only grows (ensure() drops it before the per-n buffers grow), so after the longest
+  // sequence it stays the size that fits beside them and shorter sequences keep more layers.
+  int64_t keep_for(int64_t n, bool tc) {
     const int64_t L = c.num_layers;
-    if (opt.keep_activations == KeepActivations::kOff || L < 2) return false;
-    if (kept_mem != nullptr && kept_cap >= n && kept_tc == tc) return true;
+    kept.clear();
+    if (opt.keep_activations == KeepActivations::kOff || L < 2) return 0;
     const int64_t nc = (n + 511) / 512 * 512;
-    const int64_t bytes = (L - 1) * nc * kept_bytes_per_token(tc);
-    if (opt.keep_activations == KeepActivations::kAuto) {
-      size_t free_b = 0, total_b = 0;
-      DUO_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
-      const int64_t held =
-          kept_mem != nullptr ? (L - 1) * kept_cap * kept_bytes_per_token(kept_tc) : 0;
-      const int64_t margin =
-          std::max<int64_t>(int64_t{1} << 30, static_cast<int64_t>(total_b) / 33);
-      if (static_cast<int64_t>(free_b) + held < bytes + margin) return false;
+    const int64_t layer_bytes = nc * kept_bytes_per_token(tc);
+    int64_t target = (L - 1) * layer_bytes;
+    if (target > pool_bytes) {
+      if (opt.keep_activations == KeepActivations::kAuto) {
+        size_t free_b = 0, total_b = 0;
+        DUO_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+        const int64_t margin =
+            std::max<int64_t>(int64_t{1} << 30, static_cast<int64_t>(total_b) / 33);
+        // Freeing the pool first gives its bytes back; whole 2 MiB pages.
+        target = std::min(target, (static_cast<int64_t>(free_b) + pool_bytes - margin) >> 21 << 21);
+      }
+      if (opt.keep_pool_limit > 0) target = std::min(target, opt.keep_pool_limit);
+      if (target > pool_bytes && target >= layer_bytes) {
+        DUO_CUDA_CHECK(cudaStreamSynchronize(st));
+        drop_pool();
+        pool = mem.alloc(target, "kept layer activations");
+        pool_bytes = target;
+      }
     }
-    DUO_CUDA_CHECK(cudaStreamSynchronize(st));
-    drop_kept();
-    kept_mem = mem.alloc(bytes, "kept layer activations");
+    const int64_t layers = std::min(L - 1, pool_bytes / layer_bytes);
     const int64_t H = c.hidden_size, I = c.intermediate_size, qd = c.q_dim(), kd = c.kv_dim();
-    char* p = static_cast<char*>(kept_mem);
+    char* p = static_cast<char*>(pool);
     // Every piece is a multiple of 512 tokens x 2 bytes: the carve keeps 16-byte alignment.
     auto carve = [&](auto*& dst, int64_t count, int64_t elem) {
       dst = reinterpret_cast<std::remove_reference_t<decltype(dst)>>(p);
       p += count * elem;
     };
-    kept.assign(static_cast<size_t>(L - 1), Acts{});
+    kept.assign(static_cast<size_t>(layers), Acts{});
     for (Acts& a : kept) {
       a = cur;  // q/k/v (tensor cores) or qb/kb/vb (fp32 attention) stay the shared temporaries
       carve(a.inv1, nc, 4);
@@ -446,13 +454,12 @@ struct CudaGateModel::Impl {
         carve(a.v, nc * kd, 4);
       }
     }
-    kept_cap = nc;
-    kept_tc = tc;
-    return true;
+    return layers;
   }
-  // The activations layer l of the student writes (keep: its own kept set but for the last).
-  Acts& acts(int64_t l, bool keep) {
-    return keep && l + 1 < c.num_layers ? kept[static_cast<size_t>(l)] : cur;
+  // Where layer l of the student pass keeps its activations: its kept set, or the per-n buffers
+  // (the last layer, and the layers the backward recomputes).
+  Acts& acts(int64_t l) {
+    return l < static_cast<int64_t>(kept.size()) ? kept[static_cast<size_t>(l)] : cur;
   }
   // Whether the student's window attention runs on tensor cores.
   bool use_tc(const gk::Window& w) const {
@@ -665,10 +672,10 @@ struct CudaGateModel::Impl {
     teacher_n = n;
   }
 
-  // Student forward over all layers; the final normed hidden states land in y. With `keep`,
-  // layers 0..L-2 write their activations to their kept sets (keep_for(n) said yes).
+  // Student forward over all layers; the final normed hidden states land in y. The first
+  // kept.size() layers write their activations to their kept sets (keep_for).
   void student_forward(std::span<const int32_t> tokens, const std::vector<double>& gv,
-                       const gk::Window& w, bool keep) {
+                       const gk::Window& w) {
     const int64_t n = static_cast<int64_t>(tokens.size());
     check(teacher_n == n, "student pass: the teacher ran over ", teacher_n, " tokens, not ", n);
     check(static_cast<int64_t>(gv.size()) == c.num_layers * c.num_kv_heads,
@@ -680,7 +687,7 @@ struct CudaGateModel::Impl {
     op(kResidual);
     gk::embed(embed, wb, ids, n, c.hidden_size, x_at(0), st);
     for (int64_t l = 0; l < c.num_layers; ++l)
-      layer_forward(l, x_at(l), n, false, w, x_at(l + 1), acts(l, keep));
+      layer_forward(l, x_at(l), n, false, w, x_at(l + 1), acts(l));
     op(kNorm);
     gk::rmsnorm_forward(x_at(c.num_layers), final_norm, static_cast<float>(c.rms_norm_eps), n,
                         c.hidden_size, y, false, invf, st);
@@ -705,9 +712,10 @@ struct CudaGateModel::Impl {
         tc_ws_bytes = need;
       }
     }
-    // ensure() has run (teacher pass): the per-n buffers are in place before the kept sets.
-    const bool keep = backward && keep_for(n, tc);
-    student_forward(tokens, gv, w, keep);
+    // ensure() has run (teacher pass): the per-n buffers are in place before the pool.
+    kept.clear();
+    const int64_t keep = backward ? keep_for(n, tc) : 0;
+    student_forward(tokens, gv, w);
     // Loss and dL/dy (into dxn).
     op(kLoss);
     gk::distill_loss(y, t_final, n, H, label_begin, row_loss, total, dxn, st);
@@ -733,11 +741,11 @@ struct CudaGateModel::Impl {
       const Layer& W = layers[static_cast<size_t>(l)];
       const float* x_in = x_at(l);
       // The last layer's activations are still in the buffers from student_forward (the final
-      // norm and the loss write elsewhere), the others in their kept sets (keep): without keep
-      // the layers below are recomputed.
-      const Acts& A = acts(l, keep);
+      // norm and the loss write elsewhere), the first `keep` layers' in their kept sets; the
+      // others are recomputed into the buffers.
+      const Acts& A = acts(l);
       pass = kRecompute;
-      if (l != L - 1 && !keep) layer_forward(l, x_in, n, false, w, nullptr, A);
+      if (l != L - 1 && l >= keep) layer_forward(l, x_in, n, false, w, nullptr, A);
       pass = kBackward;
       // MLP: x_out = x1 + down(swiglu(gate(xn2), up(xn2))); dact into act, then dg/du: in place
       // into g/u (fp32 mode) or as the bf16 GEMM inputs conv/conv2 (their only consumers).
@@ -831,8 +839,11 @@ gate::StudentResult CudaGateModel::student(std::span<const int32_t> ids,
 bool CudaGateModel::last_used_tensor_cores() const {
   return impl_->last_tc;
 }
-bool CudaGateModel::last_kept_activations() const {
+int64_t CudaGateModel::last_kept_layers() const {
   return impl_->last_kept;
+}
+int64_t CudaGateModel::kept_pool_bytes() const {
+  return impl_->pool_bytes;
 }
 GateCudaOptions GateCudaOptions::from_env() {
   GateCudaOptions o;
@@ -882,7 +893,8 @@ std::vector<float> CudaGateModel::teacher_hidden() const {
 std::vector<float> CudaGateModel::student_hidden(std::span<const int32_t> ids,
                                                  const std::vector<double>& gates,
                                                  const gate::AttnWindow& w) {
-  impl_->student_forward(ids, gates, to_device_window(w), false);
+  impl_->kept.clear();
+  impl_->student_forward(ids, gates, to_device_window(w));
   impl_->op(-1);
   std::vector<float> h =
       impl_->download(impl_->y, static_cast<int64_t>(ids.size()) * impl_->c.hidden_size);

@@ -28,10 +28,11 @@
 // (L + 1) n H fp32 + teacher O_full L n qd bf16 + teacher final hidden n H fp32 + ONE layer's
 // activations, recomputed per layer in the backward (n (7 H + 3 qd + 4 kd + 3 I) fp32 plus n
 // (max(H, qd, I) + I) bf16 for the GEMM inputs). Llama-3-8B at 32K: 15 + 17.7 + 8.6 + 0.5 + about
-// 12 GB. Buffers grow to the largest n seen and are reused. When the other L - 1 layers'
-// activations also fit in free memory (KeepActivations::kAuto; about 5 MB per token for
-// Llama-3-8B, so up to about 8K tokens on an 80 GB card), the student forward keeps them and the
-// backward skips the recomputation.
+// 12 GB. Buffers grow to the largest n seen and are reused. With KeepActivations::kAuto, a pool
+// takes what else is free (less a margin) and the student forward keeps as many layers'
+// activations there as fit (159 KB per token and layer for Llama-3-8B: all 31 recomputed layers
+// up to about 5K tokens beside the 32K buffers on an 80 GB card); the backward does not
+// recompute those.
 #pragma once
 
 #include <cstdint>
@@ -48,12 +49,12 @@ namespace duo::cuda {
 
 enum class GatePrecision { kBf16, kF32 };
 
-// Whether the backward reads every layer's activations from the student forward instead of
+// Whether the backward reads layers' activations from the student forward instead of
 // recomputing them layer by layer (the same numbers either way; it trades memory for time).
 enum class KeepActivations {
-  kAuto,  // when they fit in free device memory (checked per step; short contexts)
+  kAuto,  // as many layers as fit in free device memory (all of them for short contexts)
   kOff,   // always recompute
-  kOn,    // always keep (fails when out of memory)
+  kOn,    // keep every layer (fails when out of memory)
 };
 
 struct GateCudaOptions {
@@ -64,6 +65,9 @@ struct GateCudaOptions {
   // the fp32 kernels there too.
   bool tensor_core_attention = true;
   KeepActivations keep_activations = KeepActivations::kAuto;
+  // An upper bound on the kept activations' pool in bytes (0: none): kOn with a bound keeps as
+  // many layers as fit in it.
+  int64_t keep_pool_limit = 0;
 
   // The defaults, overridden by DUO_GATE_TC=0|1 (tensor_core_attention) and DUO_GATE_KEEP=0|1|auto
   // (keep_activations): the command line's way to time the alternatives.
@@ -89,9 +93,11 @@ class CudaGateModel final : public gate::GateEngine {
   void reset_peak() override;
 
   // How the last student pass with a backward ran: whether the windowed attention ran on tensor
-  // cores, and whether the backward read the kept activations instead of recomputing them.
+  // cores, and how many layers the backward read from the forward instead of recomputing them
+  // (of L - 1: the last layer is never recomputed). The pool those layers are carved from.
   bool last_used_tensor_cores() const;
-  bool last_kept_activations() const;
+  int64_t last_kept_layers() const;
+  int64_t kept_pool_bytes() const;
 
   // For tests: the teacher's final normed hidden states [n, H] and the student's.
   std::vector<float> teacher_hidden() const;
