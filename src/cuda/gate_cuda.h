@@ -30,7 +30,7 @@
 // (max(H, qd, I) + I) bf16 for the GEMM inputs). Llama-3-8B at 32K: 15 + 17.7 + 8.6 + 0.5 + about
 // 12 GB. Buffers grow to the largest n seen and are reused. With KeepActivations::kAuto, a pool
 // takes what else is free (less a margin) and the student forward keeps as many layers'
-// activations there as fit (159 KB per token and layer for Llama-3-8B: all 31 recomputed layers
+// activations there as fit (160 KB per token and layer for Llama-3-8B: all 31 recomputed layers
 // up to about 5K tokens beside the 32K buffers on an 80 GB card); the backward does not
 // recompute those.
 #pragma once

@@ -26,20 +26,22 @@
 // lse. The tensor-core kernels round P (forward, dV) and dS (dQ, dK) to bf16 as mma inputs, a
 // relative error of at most 2^-9 per element, which averages over the keys:
 //   nmse = sum (tc - fp32)^2 / sum fp32^2, max = max |tc - fp32| / max |fp32|
-//   | output  | nmse bound | max bound | measured (H100, worst case over the cases) |
-//   | O       | 1e-5       | 1e-2      | see the report of the first GPU run        |
-//   | lse     | -          | 1e-5      |                                            |
-//   | dV      | 1e-5       | 1e-2      |                                            |
-//   | dQ, dK  | 1e-4       | 3e-2      |                                            |
+//   | output  | nmse bound | max bound | measured, worst case over the cases (H100 and H200) |
+//   | O       | 1e-5       | 1e-2      | 1.6e-6 / 1.4e-3                                      |
+//   | lse     | -          | 1e-5      | 1.8e-7                                               |
+//   | dV      | 1e-5       | 1e-2      | 3.0e-6 / 2.2e-3                                      |
+//   | dQ, dK  | 1e-5       | 1e-2      | 3.0e-6 / 2.5e-3                                      |
 // (a wrong mask, tile or fragment gives nmse of order 1). Every output element is written
 // (outputs are NaN-filled first).
 // The bf16 model with the tensor-core student on duo-demo-gqa (head_dim 64) against the host
-// model: the bf16 demo bounds above (teacher 5e-2, loss rel 0.1, d_gate 0.15 of max |d_gate|);
-// a head_dim-128 random-weight model, tensor cores against the fp32 kernels in the same bf16
-// model: loss rel 0.05, d_gate 0.15 of max |d_gate|.
-// Keeping the activations instead of recomputing them in the backward: the same loss and d_gate
-// bit for bit with the deterministic tensor-core kernels; within 1e-5 of max |d_gate| with the
-// fp32 kernels, whose dK/dV atomics add in a varying order.
+// model: the bf16 demo bounds above (teacher 5e-2, loss rel 0.1, d_gate 0.15 of max |d_gate|;
+// measured 8.1e-3, 3.7e-3, 5.1e-3); a head_dim-128 random-weight model, tensor cores against the
+// fp32 kernels in the same bf16 model: loss rel 2e-3, d_gate 1e-2 of max |d_gate| (measured
+// 1.8e-4, 1.2e-3).
+// Keeping the activations instead of recomputing them in the backward (every layer, or the
+// first three): the same loss and d_gate bit for bit with the deterministic tensor-core kernels;
+// within 1e-5 of max |d_gate| with the fp32 kernels, whose dK/dV atomics may add in a varying
+// order (measured: bit for bit there too).
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -246,10 +248,10 @@ TEST(GateCudaAttention, TensorCoreKernelsMatchTheFp32Kernels) {
     EXPECT_LE(l_m, 1e-5) << "n=" << c.n << " d=" << c.d;
     EXPECT_LE(v_n, 1e-5) << "n=" << c.n << " d=" << c.d;
     EXPECT_LE(v_m, 1e-2) << "n=" << c.n << " d=" << c.d;
-    EXPECT_LE(q_n, 1e-4) << "n=" << c.n << " d=" << c.d;
-    EXPECT_LE(q_m, 3e-2) << "n=" << c.n << " d=" << c.d;
-    EXPECT_LE(k_n, 1e-4) << "n=" << c.n << " d=" << c.d;
-    EXPECT_LE(k_m, 3e-2) << "n=" << c.n << " d=" << c.d;
+    EXPECT_LE(q_n, 1e-5) << "n=" << c.n << " d=" << c.d;
+    EXPECT_LE(q_m, 1e-2) << "n=" << c.n << " d=" << c.d;
+    EXPECT_LE(k_n, 1e-5) << "n=" << c.n << " d=" << c.d;
+    EXPECT_LE(k_m, 1e-2) << "n=" << c.n << " d=" << c.d;
   }
   std::printf(
       "[ attn tc ] worst: O nmse %.2e max %.2e, lse max %.2e, dV nmse %.2e max %.2e, dQ/dK nmse "
@@ -427,8 +429,8 @@ TEST(GateCudaModel, TensorCoreAttentionAtHeadDim128AgreesWithTheFp32Kernels) {
         "[ d=128 bf16 ] kind=%d loss %.4e (tc) vs %.4e (fp32 kernels), rel %.2e; d_gate %.2e\n",
         static_cast<int>(w.kind), r[1].distill, r[0].distill, e_l, e_g);
     ASSERT_GT(r[0].distill, 0.0);
-    EXPECT_LE(e_l, 0.05);
-    EXPECT_LE(e_g, 0.15);
+    EXPECT_LE(e_l, 2e-3);
+    EXPECT_LE(e_g, 1e-2);
   }
 }
 
