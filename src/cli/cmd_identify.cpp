@@ -86,7 +86,7 @@ std::unique_ptr<gate::GateEngine> make_gate_engine(const std::string& backend,
   if (backend == "cpu") return gate::make_cpu_gate_engine(model_dir);
 #ifdef DUO_HAVE_CUDA
   check(cuda::device_count() > 0, "--backend cuda: no CUDA device found on this machine");
-  return std::make_unique<cuda::CudaGateModel>(model_dir);
+  return std::make_unique<cuda::CudaGateModel>(model_dir, cuda::GateCudaOptions::from_env());
 #else
   fail("--backend cuda: this duo was built without CUDA (rebuild with nvcc available)");
 #endif
@@ -138,8 +138,9 @@ void identify_profile(const IdentifyArgs& a) {
   std::unique_ptr<cuda::CudaGateModel> model =
       a.random_weights
           ? std::make_unique<cuda::CudaGateModel>(
-                ModelConfig::from_json(read_json_file(a.config_file), a.config_file), a.seed)
-          : std::make_unique<cuda::CudaGateModel>(a.model_dir);
+                ModelConfig::from_json(read_json_file(a.config_file), a.config_file), a.seed,
+                cuda::GateCudaOptions::from_env())
+          : std::make_unique<cuda::CudaGateModel>(a.model_dir, cuda::GateCudaOptions::from_env());
   const ModelConfig& cfg = model->config();
   const int64_t weights_bytes = model->device_bytes_in_use();
   model->set_op_timing(true);  // CUDA events at op-class changes: the per-op breakdown
@@ -189,9 +190,15 @@ void identify_profile(const IdentifyArgs& a) {
     const double step = median(step_s);
     const int64_t peak = model->peak_device_bytes();
     const int64_t driver = driver_used_bytes("cuda");
-    std::printf("%9lld %12.3f %12.3f %12.3f %12.2f %12.2f\n", static_cast<long long>(n), step,
-                median(teacher_s), median(student_s), static_cast<double>(peak) / (1 << 30),
-                static_cast<double>(driver) / (1 << 30));
+    std::printf(
+        "%9lld %12.3f %12.3f %12.3f %12.2f %12.2f  (window attention on %s; %lld of %lld layers "
+        "kept in a %.2f GiB pool, the others recomputed)\n",
+        static_cast<long long>(n), step, median(teacher_s), median(student_s),
+        static_cast<double>(peak) / (1 << 30), static_cast<double>(driver) / (1 << 30),
+        model->last_used_tensor_cores() ? "tensor cores" : "fp32 kernels",
+        static_cast<long long>(model->last_kept_layers()),
+        static_cast<long long>(cfg.num_layers - 1),
+        static_cast<double>(model->kept_pool_bytes()) / (1 << 30));
     std::fflush(stdout);
     // Per-op device time, mean over the timed steps, split by pass.
     const double steps_d = static_cast<double>(a.profile_steps);
@@ -226,7 +233,11 @@ void identify_profile(const IdentifyArgs& a) {
                     {"student_seconds_median", median(student_s)},
                     {"peak_device_bytes", peak},
                     {"driver_used_bytes", driver},
-                    {"distill_loss", loss}});
+                    {"distill_loss", loss},
+                    {"tensor_core_window_attention", model->last_used_tensor_cores()},
+                    {"kept_layers", model->last_kept_layers()},
+                    {"recomputed_layers", cfg.num_layers - 1 - model->last_kept_layers()},
+                    {"kept_pool_bytes", model->kept_pool_bytes()}});
   }
   nlohmann::json j = {{"command", command_line()},
                       {"model", src},

@@ -10,8 +10,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <map>
 #include <string>
+#include <type_traits>
 
 #include "core/error.h"
 #include "cuda/attention.h"
@@ -139,14 +141,31 @@ struct CudaGateModel::Impl {
   float* xs = nullptr;       // [(L + 1)][cap H] layer inputs
   void* ofull = nullptr;     // [L][cap qd] teacher attention output (weight type)
   float* t_final = nullptr;  // [cap H]
-  float *xn1 = nullptr, *inv1 = nullptr, *q = nullptr, *k = nullptr, *v = nullptr, *attn = nullptr,
-        *lse = nullptr, *mix = nullptr, *x1 = nullptr, *xn2 = nullptr, *inv2 = nullptr,
-        *g = nullptr, *u = nullptr, *act = nullptr, *y = nullptr, *invf = nullptr, *dx = nullptr,
-        *dxn = nullptr, *dq = nullptr, *dk = nullptr, *dv = nullptr, *dt = nullptr, *cosb = nullptr,
-        *sinb = nullptr;
-  bf16* conv = nullptr;   // GEMM input in bf16 [cap max(H, qd, I)]
+  // One layer's activations that the backward reads (the other buffers are temporaries). q/k/v
+  // are fp32 for the fp32 attention kernels; the teacher in bf16 mode and the tensor-core student
+  // use qb/kb/vb, and q/k are then only the projections before RoPE.
+  struct Acts {
+    float *inv1 = nullptr, *q = nullptr, *k = nullptr, *v = nullptr, *attn = nullptr,
+          *lse = nullptr, *x1 = nullptr, *inv2 = nullptr, *g = nullptr, *u = nullptr;
+    bf16 *qb = nullptr, *kb = nullptr, *vb = nullptr;
+  };
+  Acts cur;  // in the per-n buffers: the teacher, the last layer and every recomputed layer
+  // The first kept.size() layers of the student forward when the backward keeps them instead of
+  // recomputing: carved per pass from one pool (keep_for).
+  std::vector<Acts> kept;
+  void* pool = nullptr;
+  int64_t pool_bytes = 0;
+  float *xn1 = nullptr, *mix = nullptr, *xn2 = nullptr, *act = nullptr, *y = nullptr,
+        *invf = nullptr, *dx = nullptr, *dxn = nullptr, *dq = nullptr, *dk = nullptr, *dv = nullptr,
+        *dt = nullptr, *cosb = nullptr, *sinb = nullptr;
+  // GEMM input in bf16 [cap max(H, qd, I)]; also the tensor-core attention backward's dO.
+  bf16* conv = nullptr;
   bf16* conv2 = nullptr;  // a second one [cap I]: the SwiGLU backward writes d gate and d up
-  bf16 *qb = nullptr, *kb = nullptr, *vb = nullptr, *store_k = nullptr, *store_v = nullptr;
+  bf16 *store_k = nullptr, *store_v = nullptr;
+  void* tc_ws = nullptr;  // the tensor-core attention backward's workspace
+  int64_t tc_ws_bytes = 0;
+  bool last_tc = false;
+  int64_t last_kept = 0;
   int32_t* ids = nullptr;
   double *row_loss = nullptr, *total = nullptr, *partial = nullptr, *dgate = nullptr;
   float* gates = nullptr;
@@ -309,6 +328,10 @@ struct CudaGateModel::Impl {
     DUO_CUDA_CHECK(cudaStreamSynchronize(st));
     for (void* p : per_n) mem.free(p);
     per_n.clear();
+    drop_pool();  // the per-n buffers first; keep_for() sizes the pool with what is left
+    mem.free(tc_ws);
+    tc_ws = nullptr;
+    tc_ws_bytes = 0;
     teacher_n = 0;
     rope_n = -1;
     const int64_t nc = (n + 511) / 512 * 512;
@@ -319,18 +342,18 @@ struct CudaGateModel::Impl {
     take(ofull, L * nc * qd * wbytes(), "teacher attention outputs");
     f(t_final, nc * H, "teacher final hidden");
     if (!wb) f(xn1, nc * H, "xn1");  // bf16 mode: the norm writes the bf16 GEMM input directly
-    f(inv1, nc, "inv1");
-    f(q, nc * qd, "q");
-    f(k, nc * kd, "k");
-    f(v, nc * kd, "v");
-    f(attn, nc * qd, "attn");
-    f(lse, nc * nq, "lse");
+    f(cur.inv1, nc, "inv1");
+    f(cur.q, nc * qd, "q");
+    f(cur.k, nc * kd, "k");
+    f(cur.v, nc * kd, "v");
+    f(cur.attn, nc * qd, "attn");
+    f(cur.lse, nc * nq, "lse");
     f(mix, nc * qd, "mix");
-    f(x1, nc * H, "x1");
+    f(cur.x1, nc * H, "x1");
     if (!wb) f(xn2, nc * H, "xn2");
-    f(inv2, nc, "inv2");
-    f(g, nc * I, "gate");
-    f(u, nc * I, "up");
+    f(cur.inv2, nc, "inv2");
+    f(cur.g, nc * I, "gate");
+    f(cur.u, nc * I, "up");
     f(act, nc * I, "act");
     f(y, nc * H, "y");
     f(invf, nc, "final inv");
@@ -345,9 +368,9 @@ struct CudaGateModel::Impl {
     if (wb) {
       take(conv, nc * std::max({H, qd, I}) * 2, "bf16 GEMM input");
       take(conv2, nc * I * 2, "second bf16 GEMM input");
-      take(qb, nc * qd * 2, "teacher q bf16");
-      take(kb, nc * kd * 2, "teacher k bf16");
-      take(vb, nc * kd * 2, "teacher v bf16");
+      take(cur.qb, nc * qd * 2, "q bf16");
+      take(cur.kb, nc * kd * 2, "k bf16");
+      take(cur.vb, nc * kd * 2, "v bf16");
       take(store_k, nc * kd * 2, "teacher K store");
       take(store_v, nc * kd * 2, "teacher V store");
     }
@@ -358,6 +381,90 @@ struct CudaGateModel::Impl {
     take(dgate, L * c.num_kv_heads * 8, "d gate");
     take(gates, L * c.num_kv_heads * 4, "gates");
     cap = nc;
+  }
+
+  // ---- kept activations (the backward without recomputation) ----
+
+  // Bytes of one kept layer per token: what Acts holds for the backward.
+  int64_t kept_bytes_per_token(bool tc) const {
+    const int64_t H = c.hidden_size, I = c.intermediate_size, qd = c.q_dim(), kd = c.kv_dim();
+    return 4 * (2 + qd + c.num_heads + H + 2 * I) + (tc ? 2 : 4) * (qd + 2 * kd);
+  }
+  void drop_pool() {
+    mem.free(pool);
+    pool = nullptr;
+    pool_bytes = 0;
+    kept.clear();
+  }
+  // How many of layers 0..L-2 the student pass over n tokens keeps for its backward (the others
+  // are recomputed there), and their activation sets carved from the pool. The pool grows to what
+  // all L - 1 layers need at n, or with kAuto to what is free less a margin for what a step
+  // allocates besides (cuBLAS, the attention workspace, the driver): max(1 GiB, 3% of the card).
+  // It only grows (ensure() drops it before the per-n buffers grow), so after the longest
+  // sequence it stays the size that fits beside them and shorter sequences keep more layers.
+  int64_t keep_for(int64_t n, bool tc) {
+    const int64_t L = c.num_layers;
+    kept.clear();
+    if (opt.keep_activations == KeepActivations::kOff || L < 2) return 0;
+    const int64_t nc = (n + 511) / 512 * 512;
+    const int64_t layer_bytes = nc * kept_bytes_per_token(tc);
+    int64_t target = (L - 1) * layer_bytes;
+    if (target > pool_bytes) {
+      if (opt.keep_activations == KeepActivations::kAuto) {
+        size_t free_b = 0, total_b = 0;
+        DUO_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+        const int64_t margin =
+            std::max<int64_t>(int64_t{1} << 30, static_cast<int64_t>(total_b) / 33);
+        // Freeing the pool first gives its bytes back; whole 2 MiB pages.
+        target = std::min(target, (static_cast<int64_t>(free_b) + pool_bytes - margin) >> 21 << 21);
+      }
+      if (opt.keep_pool_limit > 0) target = std::min(target, opt.keep_pool_limit);
+      if (target > pool_bytes && target >= layer_bytes) {
+        DUO_CUDA_CHECK(cudaStreamSynchronize(st));
+        drop_pool();
+        pool = mem.alloc(target, "kept layer activations");
+        pool_bytes = target;
+      }
+    }
+    const int64_t layers = std::min(L - 1, pool_bytes / layer_bytes);
+    const int64_t H = c.hidden_size, I = c.intermediate_size, qd = c.q_dim(), kd = c.kv_dim();
+    char* p = static_cast<char*>(pool);
+    // Every piece is a multiple of 512 tokens x 2 bytes: the carve keeps 16-byte alignment.
+    auto carve = [&](auto*& dst, int64_t count, int64_t elem) {
+      dst = reinterpret_cast<std::remove_reference_t<decltype(dst)>>(p);
+      p += count * elem;
+    };
+    kept.assign(static_cast<size_t>(layers), Acts{});
+    for (Acts& a : kept) {
+      a = cur;  // q/k/v (tensor cores) or qb/kb/vb (fp32 attention) stay the shared temporaries
+      carve(a.inv1, nc, 4);
+      carve(a.attn, nc * qd, 4);
+      carve(a.lse, nc * c.num_heads, 4);
+      carve(a.x1, nc * H, 4);
+      carve(a.inv2, nc, 4);
+      carve(a.g, nc * I, 4);
+      carve(a.u, nc * I, 4);
+      if (tc) {
+        carve(a.qb, nc * qd, 2);
+        carve(a.kb, nc * kd, 2);
+        carve(a.vb, nc * kd, 2);
+      } else {
+        carve(a.q, nc * qd, 4);
+        carve(a.k, nc * kd, 4);
+        carve(a.v, nc * kd, 4);
+      }
+    }
+    return layers;
+  }
+  // Where layer l of the student pass keeps its activations: its kept set, or the per-n buffers
+  // (the last layer, and the layers the backward recomputes).
+  Acts& acts(int64_t l) {
+    return l < static_cast<int64_t>(kept.size()) ? kept[static_cast<size_t>(l)] : cur;
+  }
+  // Whether the student's window attention runs on tensor cores.
+  bool use_tc(const gk::Window& w) const {
+    return wb && opt.tensor_core_attention &&
+           gk::window_attention_tc_supported(static_cast<int>(c.head_dim), w);
   }
 
   void set_ids(std::span<const int32_t> tokens) {
@@ -395,16 +502,30 @@ struct CudaGateModel::Impl {
   void gemm_fwd(const void* xin, const void* W, const float* b, int64_t n, int64_t K, int64_t M,
                 float* yo) {
     if (n == 0) return;
+    gemm_fwd_raw(xin, W, n, K, M, yo, CUDA_R_32F);
+    if (b == nullptr) return;
+    op(kResidual);
+    gk::add_bias(yo, b, n, M, st);
+  }
+  // The same rounded to bf16 (bf16 mode), for a projection only bf16 consumers read: cuBLAS
+  // writes bf16 itself, or with a bias the fp32 product goes to f32_tmp and the bias add rounds.
+  void gemm_fwd_bf16(const void* xin, const void* W, const float* b, int64_t n, int64_t K,
+                     int64_t M, bf16* yo, float* f32_tmp) {
+    if (n == 0) return;
+    if (b == nullptr) return gemm_fwd_raw(xin, W, n, K, M, yo, CUDA_R_16BF);
+    gemm_fwd_raw(xin, W, n, K, M, f32_tmp, CUDA_R_32F);
+    op(kResidual);
+    gk::add_bias_bf16(f32_tmp, b, n, M, yo, st);
+  }
+  void gemm_fwd_raw(const void* xin, const void* W, int64_t n, int64_t K, int64_t M, void* yo,
+                    cudaDataType_t ytype) {
     op(kGemm);
     const float one = 1.0f, zero = 0.0f;
     GATE_CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(M),
                                    static_cast<int>(n), static_cast<int>(K), &one, W, wtype(),
                                    static_cast<int>(K), xin, wtype(), static_cast<int>(K), &zero,
-                                   yo, CUDA_R_32F, static_cast<int>(M), CUBLAS_COMPUTE_32F,
+                                   yo, ytype, static_cast<int>(M), CUBLAS_COMPUTE_32F,
                                    CUBLAS_GEMM_DEFAULT));
-    if (b == nullptr) return;
-    op(kResidual);
-    gk::add_bias(yo, b, n, M, st);
   }
   // dx[n, K] (+)= dyin[n, M] W[M, K]; dyin in the weight type.
   void gemm_bwd(const void* dyin, const void* W, int64_t n, int64_t K, int64_t M, float* dxo,
@@ -422,24 +543,21 @@ struct CudaGateModel::Impl {
   float* x_at(int64_t l) { return xs + l * cap * c.hidden_size; }
   void* ofull_at(int64_t l) { return static_cast<char*>(ofull) + l * cap * c.q_dim() * wbytes(); }
 
-  // Teacher's full causal attention of layer l from the roped q, k and v into O_full[l].
+  // Teacher's full causal attention of layer l from the roped q, k and v (cur) into O_full[l].
   void teacher_attention(int64_t l, int64_t n) {
-    const int64_t kd = c.kv_dim(), d = c.head_dim;
+    const int64_t d = c.head_dim;
     op(kTeacherAttn);
     if (!wb) {
-      gk::window_attention_forward(q, k, v, n, static_cast<int>(c.num_heads),
+      gk::window_attention_forward(cur.q, cur.k, cur.v, n, static_cast<int>(c.num_heads),
                                    static_cast<int>(c.num_kv_heads), static_cast<int>(d),
-                                   gk::Window{}, static_cast<float*>(ofull_at(l)), lse, st);
+                                   gk::Window{}, static_cast<float*>(ofull_at(l)), cur.lse, st);
       return;
     }
-    // q and k were roped straight into qb and kb (layer_forward).
-    op(kConvert);
-    gk::f32_to_bf16(v, vb, n * kd, st);
-    op(kTeacherAttn);
+    // q and k were roped straight into qb and kb, v projected into vb (layer_forward).
     AttentionParams p{};
-    p.q = qb;
-    p.k_new = kb;
-    p.v_new = vb;
+    p.q = cur.qb;
+    p.k_new = cur.kb;
+    p.v_new = cur.vb;
     p.out = static_cast<bf16*>(ofull_at(l));
     p.n = n;
     p.p0 = 0;
@@ -465,56 +583,68 @@ struct CudaGateModel::Impl {
   }
 
   // One decoder layer (identify/gate_model.cpp layer_forward): teacher when `is_teacher` (full
-  // attention into O_full[l]), else the gate mix with the device gates of layer l. x_out is
-  // skipped when null (the backward's recomputation needs everything but the down projection).
+  // attention into O_full[l]), else the gate mix with the device gates of layer l. The layer's
+  // activations go to A. x_out is skipped when null (the backward's recomputation needs
+  // everything but the down projection).
   void layer_forward(int64_t l, const float* x_in, int64_t n, bool is_teacher, const gk::Window& w,
-                     float* x_out) {
+                     float* x_out, const Acts& A) {
     const Layer& W = layers[static_cast<size_t>(l)];
     const int64_t H = c.hidden_size, I = c.intermediate_size, qd = c.q_dim(), kd = c.kv_dim();
     const int64_t nq = c.num_heads, nkv = c.num_kv_heads, d = c.head_dim;
     const float eps = static_cast<float>(c.rms_norm_eps);
+    // The tensor-core attention (the teacher's in bf16 mode, the student's when use_tc) reads
+    // bf16 q/k/v only: RoPE writes q and k in bf16, the v projection writes bf16.
+    const bool tc = is_teacher ? wb : use_tc(w);
     // The normed input, the gate mix and the SwiGLU output only feed GEMMs: in bf16 mode their
     // kernels write the bf16 GEMM input (conv) directly.
     op(kNorm);
-    gk::rmsnorm_forward(x_in, W.ln1, eps, n, H, gemm_input_dst(xn1), wb, inv1, st);
+    gk::rmsnorm_forward(x_in, W.ln1, eps, n, H, gemm_input_dst(xn1), wb, A.inv1, st);
     const void* xin = gemm_input_dst(xn1);
-    gemm_fwd(xin, W.wq, W.bq, n, H, qd, q);
-    gemm_fwd(xin, W.wk, W.bk, n, H, kd, k);
-    gemm_fwd(xin, W.wv, W.bv, n, H, kd, v);
+    gemm_fwd(xin, W.wq, W.bq, n, H, qd, A.q);
+    gemm_fwd(xin, W.wk, W.bk, n, H, kd, A.k);
+    if (tc)
+      gemm_fwd_bf16(xin, W.wv, W.bv, n, H, kd, A.vb, A.v);
+    else
+      gemm_fwd(xin, W.wv, W.bv, n, H, kd, A.v);
     op(kRope);
-    if (is_teacher && wb) {  // the tensor-core teacher reads bf16 q and k only
-      gk::rope(q, cosb, sinb, n, nq, d, 1.0f, qb, true, st);
-      gk::rope(k, cosb, sinb, n, nkv, d, 1.0f, kb, true, st);
+    if (tc) {
+      gk::rope(A.q, cosb, sinb, n, nq, d, 1.0f, A.qb, true, st);
+      gk::rope(A.k, cosb, sinb, n, nkv, d, 1.0f, A.kb, true, st);
     } else {
-      gk::rope(q, cosb, sinb, n, nq, d, 1.0f, q, false, st);
-      gk::rope(k, cosb, sinb, n, nkv, d, 1.0f, k, false, st);
+      gk::rope(A.q, cosb, sinb, n, nq, d, 1.0f, A.q, false, st);
+      gk::rope(A.k, cosb, sinb, n, nkv, d, 1.0f, A.k, false, st);
     }
     if (is_teacher) {
       teacher_attention(l, n);
-      gemm_fwd(ofull_at(l), W.wo, W.bo, n, qd, H, x1);  // O_full is already the GEMM's input type
+      gemm_fwd(ofull_at(l), W.wo, W.bo, n, qd, H, A.x1);  // O_full is the GEMM's input type
     } else {
       op(kWindowFwd);
-      gk::window_attention_forward(q, k, v, n, static_cast<int>(nq), static_cast<int>(nkv),
-                                   static_cast<int>(d), w, attn, lse, st);
+      if (tc)
+        gk::window_attention_tc_forward(A.qb, A.kb, A.vb, n, static_cast<int>(nq),
+                                        static_cast<int>(nkv), static_cast<int>(d), w, A.attn,
+                                        A.lse, st);
+      else
+        gk::window_attention_forward(A.q, A.k, A.v, n, static_cast<int>(nq), static_cast<int>(nkv),
+                                     static_cast<int>(d), w, A.attn, A.lse, st);
       op(kMix);
-      gk::gate_mix_forward(ofull_at(l), wb, attn, gates + l * nkv, n, nq, nkv, d,
+      gk::gate_mix_forward(ofull_at(l), wb, A.attn, gates + l * nkv, n, nq, nkv, d,
                            gemm_input_dst(mix), wb, st);
-      gemm_fwd(gemm_input_dst(mix), W.wo, W.bo, n, qd, H, x1);
+      gemm_fwd(gemm_input_dst(mix), W.wo, W.bo, n, qd, H, A.x1);
     }
     op(kResidual);
-    gk::add(x1, x_in, n * H, st);
+    gk::add(A.x1, x_in, n * H, st);
     op(kNorm);
-    gk::rmsnorm_forward(x1, W.ln2, eps, n, H, gemm_input_dst(xn2), wb, inv2, st);
+    gk::rmsnorm_forward(A.x1, W.ln2, eps, n, H, gemm_input_dst(xn2), wb, A.inv2, st);
     const void* x2in = gemm_input_dst(xn2);
-    gemm_fwd(x2in, W.wg, nullptr, n, H, I, g);
-    gemm_fwd(x2in, W.wu, nullptr, n, H, I, u);
+    gemm_fwd(x2in, W.wg, nullptr, n, H, I, A.g);
+    gemm_fwd(x2in, W.wu, nullptr, n, H, I, A.u);
     // The backward's recomputation stops here: its SwiGLU backward works from g and u.
     if (x_out == nullptr) return;
     op(kSwiglu);
-    gk::swiglu_forward(g, u, gemm_input_dst(act), wb, n * I, st);
+    gk::swiglu_forward(A.g, A.u, gemm_input_dst(act), wb, n * I, st);
     gemm_fwd(gemm_input_dst(act), W.wd, nullptr, n, I, H, x_out);
     op(kResidual);
-    gk::add(x_out, x1, n * H, st);
+    gk::add(x_out, A.x1, n * H, st);
   }
 
   void upload_gates(const std::vector<double>& gv) {
@@ -532,7 +662,7 @@ struct CudaGateModel::Impl {
     op(kResidual);
     gk::embed(embed, wb, ids, n, c.hidden_size, x_at(0), st);
     for (int64_t l = 0; l < c.num_layers; ++l)
-      layer_forward(l, x_at(l), n, true, gk::Window{}, x_at(l + 1));
+      layer_forward(l, x_at(l), n, true, gk::Window{}, x_at(l + 1), cur);
     op(kNorm);
     gk::rmsnorm_forward(x_at(c.num_layers), final_norm, static_cast<float>(c.rms_norm_eps), n,
                         c.hidden_size, t_final, false, invf, st);
@@ -542,7 +672,8 @@ struct CudaGateModel::Impl {
     teacher_n = n;
   }
 
-  // Student forward over all layers; the final normed hidden states land in y.
+  // Student forward over all layers; the final normed hidden states land in y. The first
+  // kept.size() layers write their activations to their kept sets (keep_for).
   void student_forward(std::span<const int32_t> tokens, const std::vector<double>& gv,
                        const gk::Window& w) {
     const int64_t n = static_cast<int64_t>(tokens.size());
@@ -555,7 +686,8 @@ struct CudaGateModel::Impl {
     pass = kStudent;
     op(kResidual);
     gk::embed(embed, wb, ids, n, c.hidden_size, x_at(0), st);
-    for (int64_t l = 0; l < c.num_layers; ++l) layer_forward(l, x_at(l), n, false, w, x_at(l + 1));
+    for (int64_t l = 0; l < c.num_layers; ++l)
+      layer_forward(l, x_at(l), n, false, w, x_at(l + 1), acts(l));
     op(kNorm);
     gk::rmsnorm_forward(x_at(c.num_layers), final_norm, static_cast<float>(c.rms_norm_eps), n,
                         c.hidden_size, y, false, invf, st);
@@ -569,6 +701,20 @@ struct CudaGateModel::Impl {
     check(label_begin >= 0 && label_begin < n, "student pass: label_begin ", label_begin,
           " outside [0, ", n, ")");
     const gk::Window w = to_device_window(aw);
+    const bool tc = use_tc(w);
+    if (backward && tc) {  // before keep_for: it counts what is left
+      const int64_t need =
+          gk::window_attention_tc_workspace(n, static_cast<int>(nkv), static_cast<int>(d), w);
+      if (need > tc_ws_bytes) {
+        DUO_CUDA_CHECK(cudaStreamSynchronize(st));
+        mem.free(tc_ws);
+        tc_ws = mem.alloc(need, "window attention workspace");
+        tc_ws_bytes = need;
+      }
+    }
+    // ensure() has run (teacher pass): the per-n buffers are in place before the pool.
+    kept.clear();
+    const int64_t keep = backward ? keep_for(n, tc) : 0;
     student_forward(tokens, gv, w);
     // Loss and dL/dy (into dxn).
     op(kLoss);
@@ -581,6 +727,8 @@ struct CudaGateModel::Impl {
     gate::StudentResult r;
     r.distill = loss_sum / (static_cast<double>(n - label_begin) * static_cast<double>(H));
     if (!backward) return r;
+    last_tc = tc;
+    last_kept = keep;
     // dx, the gradient of the residual stream, stays fp32; in bf16 mode the norm backwards that
     // make it also write its bf16 copy for the next GEMM into conv2, which nothing else uses
     // until the SwiGLU backward (the recomputation writes conv).
@@ -593,32 +741,41 @@ struct CudaGateModel::Impl {
       const Layer& W = layers[static_cast<size_t>(l)];
       const float* x_in = x_at(l);
       // The last layer's activations are still in the buffers from student_forward (the final
-      // norm and the loss write elsewhere): only the layers below are recomputed.
+      // norm and the loss write elsewhere), the first `keep` layers' in their kept sets; the
+      // others are recomputed into the buffers.
+      const Acts& A = acts(l);
       pass = kRecompute;
-      if (l != L - 1) layer_forward(l, x_in, n, false, w, nullptr);
+      if (l != L - 1 && l >= keep) layer_forward(l, x_in, n, false, w, nullptr, A);
       pass = kBackward;
       // MLP: x_out = x1 + down(swiglu(gate(xn2), up(xn2))); dact into act, then dg/du: in place
       // into g/u (fp32 mode) or as the bf16 GEMM inputs conv/conv2 (their only consumers).
       gemm_bwd(dx_gemm_input(), W.wd, n, I, H, act, false);
-      void* dg = wb ? static_cast<void*>(conv) : g;
-      void* du = wb ? static_cast<void*>(conv2) : u;
+      void* dg = wb ? static_cast<void*>(conv) : A.g;
+      void* du = wb ? static_cast<void*>(conv2) : A.u;
       op(kSwiglu);
-      gk::swiglu_backward(g, u, act, dg, du, wb, n * I, st);
+      gk::swiglu_backward(A.g, A.u, act, dg, du, wb, n * I, st);
       gemm_bwd(dg, W.wg, n, H, I, dxn, false);
       gemm_bwd(du, W.wu, n, H, I, dxn, true);
       op(kNorm);
-      gk::rmsnorm_backward(x1, W.ln2, inv2, dxn, n, H, dx, true, dx_bf16, st);
-      // Attention: x1 = x_in + o_proj(mix); dmix into mix, then d(student attention) in place.
+      gk::rmsnorm_backward(A.x1, W.ln2, A.inv2, dxn, n, H, dx, true, dx_bf16, st);
+      // Attention: x1 = x_in + o_proj(mix); dmix into mix, then d(student attention): in place
+      // (fp32 kernels) or rounded to bf16 into conv (tensor cores; free until the rope of dq).
       gemm_bwd(dx_gemm_input(), W.wo, n, qd, H, mix, false);
       op(kMix);
-      const int64_t blocks = gk::gate_mix_backward(ofull_at(l), wb, attn, gates + l * nkv, mix, n,
-                                                   nq, nkv, d, partial, mix, st);
+      void* ds = tc ? static_cast<void*>(conv) : mix;
+      const int64_t blocks = gk::gate_mix_backward(ofull_at(l), wb, A.attn, gates + l * nkv, mix, n,
+                                                   nq, nkv, d, partial, ds, tc, st);
       gk::gate_mix_reduce(partial, blocks, nq, nkv, dgate + l * nkv, st);
       if (l == 0) break;  // nothing upstream of layer 0 is trainable
       op(kWindowBwd);
-      gk::window_attention_backward(q, k, v, attn, lse, mix, n, static_cast<int>(nq),
-                                    static_cast<int>(nkv), static_cast<int>(d), w, dq, dk, dv, dt,
-                                    st);
+      if (tc)
+        gk::window_attention_tc_backward(A.qb, A.kb, A.vb, A.attn, A.lse, conv, n,
+                                         static_cast<int>(nq), static_cast<int>(nkv),
+                                         static_cast<int>(d), w, dq, dk, dv, dt, tc_ws, st);
+      else
+        gk::window_attention_backward(A.q, A.k, A.v, A.attn, A.lse, mix, n, static_cast<int>(nq),
+                                      static_cast<int>(nkv), static_cast<int>(d), w, dq, dk, dv, dt,
+                                      st);
       // The rotated dq and dk only feed GEMMs: in bf16 mode rope writes the bf16 input (conv).
       // The stream runs in order, so conv is free again once each GEMM has read it.
       op(kRope);
@@ -629,7 +786,7 @@ struct CudaGateModel::Impl {
       gemm_bwd(gemm_input_dst(dk), W.wk, n, H, kd, dxn, true);
       gemm_bwd(gemm_input(dv, n * kd), W.wv, n, H, kd, dxn, true);
       op(kNorm);
-      gk::rmsnorm_backward(x_in, W.ln1, inv1, dxn, n, H, dx, true, dx_bf16, st);
+      gk::rmsnorm_backward(x_in, W.ln1, A.inv1, dxn, n, H, dx, true, dx_bf16, st);
     }
     r.d_gate.resize(static_cast<size_t>(L * nkv));
     op(kLoss);
@@ -679,6 +836,32 @@ gate::StudentResult CudaGateModel::student(std::span<const int32_t> ids,
                                            const gate::AttnWindow& w, bool backward) {
   return impl_->run_student(ids, gates, label_begin, w, backward);
 }
+bool CudaGateModel::last_used_tensor_cores() const {
+  return impl_->last_tc;
+}
+int64_t CudaGateModel::last_kept_layers() const {
+  return impl_->last_kept;
+}
+int64_t CudaGateModel::kept_pool_bytes() const {
+  return impl_->pool_bytes;
+}
+GateCudaOptions GateCudaOptions::from_env() {
+  GateCudaOptions o;
+  if (const char* e = std::getenv("DUO_GATE_TC")) {
+    const std::string v = e;
+    check(v == "0" || v == "1", "DUO_GATE_TC: expected 0 or 1, got '", v, "'");
+    o.tensor_core_attention = v == "1";
+  }
+  if (const char* e = std::getenv("DUO_GATE_KEEP")) {
+    const std::string v = e;
+    check(v == "0" || v == "1" || v == "auto", "DUO_GATE_KEEP: expected 0, 1 or auto, got '", v,
+          "'");
+    o.keep_activations = v == "0"   ? KeepActivations::kOff
+                         : v == "1" ? KeepActivations::kOn
+                                    : KeepActivations::kAuto;
+  }
+  return o;
+}
 int64_t CudaGateModel::peak_device_bytes() const {
   return impl_->mem.peak();
 }
@@ -710,6 +893,7 @@ std::vector<float> CudaGateModel::teacher_hidden() const {
 std::vector<float> CudaGateModel::student_hidden(std::span<const int32_t> ids,
                                                  const std::vector<double>& gates,
                                                  const gate::AttnWindow& w) {
+  impl_->kept.clear();
   impl_->student_forward(ids, gates, to_device_window(w));
   impl_->op(-1);
   std::vector<float> h =
@@ -736,6 +920,18 @@ struct DevBuf {
   }
 };
 
+// A host fp32 array on the device in bf16 (rounded to nearest even there).
+struct DevBf16 {
+  bf16* p = nullptr;
+  explicit DevBf16(const std::vector<float>& h) {
+    DUO_CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(h.size(), 8) * 2));
+    const DevBuf f(h);
+    gk::f32_to_bf16(f.p, p, static_cast<int64_t>(h.size()), 0);
+    DUO_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  ~DevBf16() { (void)cudaFree(p); }
+};
+
 }  // namespace
 
 void gate_window_attention_forward(const std::vector<float>& Q, const std::vector<float>& K,
@@ -759,6 +955,43 @@ void gate_window_attention_backward(const std::vector<float>& Q, const std::vect
       scratch(static_cast<size_t>(n * nq));
   gk::window_attention_backward(q.p, k.p, v.p, o.p, l.p, g.p, n, nq, nkv, d, to_device_window(w),
                                 dq.p, dk.p, dv.p, scratch.p, 0);
+  DUO_CUDA_CHECK(cudaDeviceSynchronize());
+  dQ = dq.get(Q.size());
+  dK = dk.get(K.size());
+  dV = dv.get(V.size());
+}
+
+void gate_window_attention_tc_forward(const std::vector<float>& Q, const std::vector<float>& K,
+                                      const std::vector<float>& V, int64_t n, int nq, int nkv,
+                                      int d, const gate::AttnWindow& w, std::vector<float>& O,
+                                      std::vector<float>& lse) {
+  DevBf16 q(Q), k(K), v(V);
+  DevBuf o(Q.size()), l(static_cast<size_t>(n * nq));
+  DUO_CUDA_CHECK(cudaMemset(o.p, 0xff, Q.size() * 4));  // NaN: every element must be written
+  DUO_CUDA_CHECK(cudaMemset(l.p, 0xff, static_cast<size_t>(n * nq) * 4));
+  gk::window_attention_tc_forward(q.p, k.p, v.p, n, nq, nkv, d, to_device_window(w), o.p, l.p, 0);
+  DUO_CUDA_CHECK(cudaDeviceSynchronize());
+  O = o.get(Q.size());
+  lse = l.get(static_cast<size_t>(n * nq));
+}
+
+void gate_window_attention_tc_backward(const std::vector<float>& Q, const std::vector<float>& K,
+                                       const std::vector<float>& V, const std::vector<float>& O,
+                                       const std::vector<float>& lse, const std::vector<float>& dO,
+                                       int64_t n, int nq, int nkv, int d, const gate::AttnWindow& w,
+                                       std::vector<float>& dQ, std::vector<float>& dK,
+                                       std::vector<float>& dV) {
+  const gk::Window dw = to_device_window(w);
+  DevBf16 q(Q), k(K), v(V), g(dO);
+  DevBuf o(O), l(lse), dq(Q.size()), dk(K.size()), dv(V.size()),
+      scratch(static_cast<size_t>(n * nq)),
+      ws(static_cast<size_t>(gk::window_attention_tc_workspace(n, nkv, d, dw) / 4));
+  // NaN-filled outputs: every element must be written.
+  DUO_CUDA_CHECK(cudaMemset(dq.p, 0xff, Q.size() * 4));
+  DUO_CUDA_CHECK(cudaMemset(dk.p, 0xff, K.size() * 4));
+  DUO_CUDA_CHECK(cudaMemset(dv.p, 0xff, V.size() * 4));
+  gk::window_attention_tc_backward(q.p, k.p, v.p, o.p, l.p, g.p, n, nq, nkv, d, dw, dq.p, dk.p,
+                                   dv.p, scratch.p, ws.p, 0);
   DUO_CUDA_CHECK(cudaDeviceSynchronize());
   dQ = dq.get(Q.size());
   dK = dk.get(K.size());

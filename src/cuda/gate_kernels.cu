@@ -8,6 +8,7 @@
 #include "core/error.h"
 #include "cuda/cuda_check.h"
 #include "cuda/gate_kernels.h"
+#include "cuda/gate_window.cuh"
 #include "engine/random_fill.h"
 
 namespace duo::cuda::gate_kernels {
@@ -171,6 +172,10 @@ __global__ void add_kernel(float* x, const float* y, int64_t n) {
 __global__ void add_bias_kernel(float* y, const float* b, int64_t rows, int64_t cols) {
   GRID_STRIDE(i, rows * cols) y[i] += b[i % cols];
 }
+__global__ void add_bias_bf16_kernel(const float* y, const float* b, int64_t rows, int64_t cols,
+                                     bf16* out) {
+  GRID_STRIDE(i, rows * cols) out[i] = __float2bfloat16(y[i] + b[i % cols]);
+}
 // out may be x (fp32, in place): each thread reads its pair before writing it.
 __global__ void rope_kernel(const float* x, const float* cos, const float* sin, int64_t rows,
                             int64_t heads, int64_t d, float sign, void* out, bool ob) {
@@ -235,7 +240,7 @@ __global__ void gate_mix_forward_kernel(const void* F, bool fb, const float* S, 
 // Block (row block, head h): partial[blk, h] = sum dM (F - S); dS = (1 - a) dM.
 __global__ void gate_mix_backward_kernel(const void* F, bool fb, const float* S, const float* a,
                                          const float* dM, int64_t n, int64_t nq, int64_t G,
-                                         int64_t d, double* partial, float* dS) {
+                                         int64_t d, double* partial, void* dS, bool dsb) {
   const int64_t blk = blockIdx.x, h = blockIdx.y;
   const int64_t t0 = blk * kMixRows, t1 = min(n, t0 + kMixRows);
   const float al = a[h / G];
@@ -245,7 +250,7 @@ __global__ void gate_mix_backward_kernel(const void* F, bool fb, const float* S,
     const int64_t o = (t * nq + h) * d + i;
     const float dm = dM[o];
     acc += dm * (load_w(F, fb, o) - S[o]);
-    dS[o] = (1.0f - al) * dm;
+    store_out(dS, dsb, o, (1.0f - al) * dm);
   }
   const double s = block_sum(static_cast<double>(acc));
   if (threadIdx.x == 0) partial[blk * nq + h] = s;
@@ -289,50 +294,7 @@ __global__ void sum_kernel(const double* v, int64_t n, double* out) {
 }
 
 // ---- windowed attention (fp32) ----
-// Keys of query t: [0, a1) then [b0, b1) (identify/gate_ops.h AttnWindow::keys).
-
-struct KR {
-  int64_t a1, b0, b1;
-};
-
-__device__ __forceinline__ KR window_keys(const Window& w, int64_t t) {
-  KR k;
-  if (w.kind == 0) {
-    k.a1 = t + 1;
-    k.b0 = k.b1 = t + 1;
-    return k;
-  }
-  int64_t recent_begin = t - w.recent + 1;
-  if (w.kind == 2) recent_begin = (t / w.block - w.recent / w.block + 1) * w.block;
-  k.a1 = min(w.sink, t + 1);
-  k.b0 = max(k.a1, recent_begin);
-  k.b1 = t + 1;
-  if (k.b0 > k.b1) k.b0 = k.b1;
-  return k;
-}
-__device__ __forceinline__ bool visible(const KR& k, int64_t j) {
-  return j < k.a1 || (j >= k.b0 && j < k.b1);
-}
-// The last query that sees key j (n - 1 for sinks and full attention).
-__device__ __forceinline__ int64_t last_query(const Window& w, int64_t j, int64_t n) {
-  if (w.kind == 0 || j < w.sink) return n - 1;
-  if (w.kind == 1) return min(n - 1, j + w.recent - 1);
-  return min(n - 1, (j / w.block + w.recent / w.block) * w.block - 1);
-}
-
-// Union of the keys of rows [t0, t1): [0, a1) and [b0, b1) (block_key_union in gate_ops.h).
-__device__ __forceinline__ KR key_union(const Window& w, int64_t t0, int64_t t1) {
-  const KR first = window_keys(w, t0), last = window_keys(w, t1 - 1);
-  KR u;
-  u.a1 = last.a1;
-  if (w.kind == 0) {
-    u.b0 = u.b1 = u.a1;
-    return u;
-  }
-  u.b1 = t1;
-  u.b0 = min(max(first.b0, u.a1), u.b1);
-  return u;
-}
+// Key ranges of a query: gate_window.cuh.
 
 constexpr int kBK = 32;       // keys per tile (one per lane)
 constexpr int kRowWarps = 8;  // row-centric kernels: 8 warps
@@ -825,6 +787,12 @@ void add_bias(float* y, const float* b, int64_t rows, int64_t cols, cudaStream_t
   check_launch("add_bias");
 }
 
+void add_bias_bf16(const float* y, const float* b, int64_t rows, int64_t cols, bf16* out,
+                   cudaStream_t s) {
+  add_bias_bf16_kernel<<<grid_for(rows * cols, 256), 256, 0, s>>>(y, b, rows, cols, out);
+  check_launch("add_bias_bf16");
+}
+
 void gate_mix_forward(const void* F, bool f_bf16, const float* S, const float* a, int64_t n,
                       int64_t nq, int64_t nkv, int64_t d, void* M, bool m_bf16, cudaStream_t s) {
   gate_mix_forward_kernel<<<grid_for(n * nq * d, 256), 256, 0, s>>>(F, f_bf16, S, a, n, nq,
@@ -836,11 +804,11 @@ int64_t gate_mix_partial_rows(int64_t n) {
 }
 int64_t gate_mix_backward(const void* F, bool f_bf16, const float* S, const float* a,
                           const float* dM, int64_t n, int64_t nq, int64_t nkv, int64_t d,
-                          double* partial, float* dS, cudaStream_t s) {
+                          double* partial, void* dS, bool ds_bf16, cudaStream_t s) {
   const int64_t blocks = gate_mix_partial_rows(n);
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(nq));
   gate_mix_backward_kernel<<<grid, 256, 0, s>>>(F, f_bf16, S, a, dM, n, nq, nq / nkv, d, partial,
-                                                dS);
+                                                dS, ds_bf16);
   check_launch("gate_mix_backward");
   return blocks;
 }

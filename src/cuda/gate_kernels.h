@@ -52,16 +52,20 @@ void swiglu_backward(const float* g, const float* u, const float* da, void* dg, 
                      bool out_bf16, int64_t n, cudaStream_t s);
 void add(float* x, const float* y, int64_t n, cudaStream_t s);
 void add_bias(float* y, const float* b, int64_t rows, int64_t cols, cudaStream_t s);
+// out = y + b rounded to bf16 (y unchanged): a biased projection whose only consumer is bf16.
+void add_bias_bf16(const float* y, const float* b, int64_t rows, int64_t cols, bf16* out,
+                   cudaStream_t s);
 
 // M = a[h/G] F + (1 - a[h/G]) S per query head (F: the teacher's output, bf16 or fp32; M fp32,
 // or bf16 when m_bf16).
 void gate_mix_forward(const void* F, bool f_bf16, const float* S, const float* a, int64_t n,
                       int64_t nq, int64_t nkv, int64_t d, void* M, bool m_bf16, cudaStream_t s);
 // partial[blk * nq + h] = sum over the block's rows of dM . (F - S) for head h (fp64), and
-// dS = (1 - a) dM (dS may alias dM). Returns the number of row blocks (the partial's rows).
+// dS = (1 - a) dM, fp32 (may alias dM) or rounded to bf16 (ds_bf16: the tensor-core attention
+// backward's input). Returns the number of row blocks (the partial's rows).
 int64_t gate_mix_backward(const void* F, bool f_bf16, const float* S, const float* a,
                           const float* dM, int64_t n, int64_t nq, int64_t nkv, int64_t d,
-                          double* partial, float* dS, cudaStream_t s);
+                          double* partial, void* dS, bool ds_bf16, cudaStream_t s);
 int64_t gate_mix_partial_rows(int64_t n);
 // da[g] = sum over row blocks and the group's heads of partial (fixed order: deterministic).
 void gate_mix_reduce(const double* partial, int64_t blocks, int64_t nq, int64_t nkv, double* da,
@@ -76,6 +80,22 @@ void window_attention_backward(const float* Q, const float* K, const float* V, c
                                const float* lse, const float* dO, int64_t n, int nq, int nkv, int d,
                                Window w, float* dQ, float* dK, float* dV, float* scratch,
                                cudaStream_t s);
+
+// The same on tensor cores (gate_attention_tc.cu): Q/K/V in bf16 (same layouts), mma.sync
+// bf16 -> fp32, P (forward) and dS (backward) rounded to bf16 as the products' inputs; O, lse and
+// the gradients fp32. Window kinds 1 and 2, head_dim 64 or 128 (window_attention_tc_supported);
+// deterministic (no atomics).
+bool window_attention_tc_supported(int d, const Window& w);
+void window_attention_tc_forward(const bf16* Q, const bf16* K, const bf16* V, int64_t n, int nq,
+                                 int nkv, int d, Window w, float* O, float* lse, cudaStream_t s);
+// Bytes of `workspace` the backward needs: the partial dK/dV sums of the key tiles that hold a
+// sink, one per query segment (0 without sinks; about 66 MB for Llama-3-8B at 32K, S = 128).
+int64_t window_attention_tc_workspace(int64_t n, int nkv, int d, const Window& w);
+// dQ, dK, dV (fp32) overwritten from dO (bf16); `scratch` holds n * nq floats.
+void window_attention_tc_backward(const bf16* Q, const bf16* K, const bf16* V, const float* O,
+                                  const float* lse, const bf16* dO, int64_t n, int nq, int nkv,
+                                  int d, Window w, float* dQ, float* dK, float* dV, float* scratch,
+                                  void* workspace, cudaStream_t s);
 
 // Loss over rows [label_begin, n): row_loss[r] = sum_i (y - t)^2 (fp64, 0 outside the labels),
 // dy = 2 (y - t) / (m * H) on labelled rows, 0 elsewhere; then total[0] = sum of row_loss.
