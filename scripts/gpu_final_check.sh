@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call for the state of main (after `make build` and `scripts/gpu_check.sh stage` here;
-# carry .devrun/gpu): the whole CUDA test suite, the copy bandwidth, issue 4's end-to-end targets
+# carry .devrun/gpu): the whole CUDA test suite (decode tests with each split kernel), decode
+# attention vs torch SDPA, the copy bandwidth, issue 4's end-to-end targets
 # with the current kernels (Llama-3-8B 32K full vs transformers in the same call; prefill with
 # chunk 32K: Llama-2-7B 100K full vs 25%, Llama-3-8B 320K full vs 50%) and NIAH on the demo models
 # at the most aggressive retrieval ratios (gate vs heuristic). Results: $OUT/final.tar + log.txt.
@@ -14,9 +15,20 @@ source scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 cat "$G/commit.txt" 2>/dev/null
 
-step "CUDA tests"
-timeout 200 "$G/duo_cuda_tests" > "$R/cuda_tests.log" 2>&1; echo "cuda tests rc=$?"
+step "CUDA tests, then the decode tests with each split kernel forced (DUO_DECODE_MMA=0 / 1)"
+timeout 300 "$G/duo_cuda_tests" > "$R/cuda_tests.log" 2>&1; echo "cuda tests rc=$?"
 grep -E "^\[  (PASSED|FAILED) |^\[  FAILED" "$R/cuda_tests.log" | tail -12
+for mma in 0 1; do
+  DUO_DECODE_MMA=$mma timeout 200 "$G/duo_cuda_tests" --gtest_filter='Attention*:Decode*:CudaDuo*' \
+    > "$R/cuda_tests_mma$mma.log" 2>&1; echo "DUO_DECODE_MMA=$mma decode tests rc=$?"
+  grep -E "^\[  (PASSED|FAILED) |^\[  FAILED" "$R/cuda_tests_mma$mma.log" | tail -4
+done
+
+step "decode attention vs torch SDPA (DW2)"
+timeout 120 python3 "$G/attention_baseline.py" --decode-only > "$R/attn_torch.jsonl" 2>&1
+grep decode "$R/attn_torch.jsonl"
+timeout 120 "$G/duo_attention_bench" --decode-only > "$R/attn_duo.jsonl" 2>&1
+grep decode "$R/attn_duo.jsonl"
 
 step "copy bandwidth (torch, 4 GiB D2D, 2 x bytes / time, median of 15)"
 timeout 60 python3 - <<'PY'
@@ -40,12 +52,21 @@ bench l3_32k_full 90 $L3 --contexts 32000 --chunk 32768 --decode-steps 100
 PYTHONUNBUFFERED=1 timeout 90 python3 "$G/baseline_transformers.py" --config $G/configs/llama-3-8b-1048k.json --contexts 32000 \
   --decode-steps 20 > "$R/hf_l3_32k.json" 2> "$R/hf_l3_32k.err"; echo "hf rc=$?"
 tail -c 500 "$R/hf_l3_32k.json"; echo
+step "decode: Llama-2-7B 120K full vs 25% (DW3), synthetic prefix"
+bench l2_120k_full 120 $L2 --contexts 120000 --synthetic-prefix --decode-steps 100
+bench l2_120k_duo75 120 $L2 $P2 --contexts 120000 --synthetic-prefix --decode-steps 100
+step "identify profile: Llama-3-8B config, random weights (issue 6 speed)"
+timeout 240 "$DUO" identify --backend cuda --random-weights --config $G/configs/llama-3-8b-1048k.json \
+  --profile-contexts 1024,8192,32000 --profile-steps 3 --json "$R/identify_profile.json" \
+  > "$R/identify_profile.log" 2>&1; echo "identify profile rc=$?"; tail -n 25 "$R/identify_profile.log"
+[[ ${SKIP_PREFILL:-0} == 1 ]] || {
 step "prefill, chunk 32K: Llama-2-7B 100K full vs 25%"
 bench l2_100k_full 90 $L2 --contexts 100000 --chunk 32768 --decode-steps 20
 bench l2_100k_duo75 90 $L2 --contexts 100000 --chunk 32768 --decode-steps 20 $P2
 step "prefill, chunk 32K: Llama-3-8B 320K full vs 50%"
 bench l3_320k_full 150 $L3 --contexts 320000 --chunk 32768 --decode-steps 5
 bench l3_320k_duo50 120 $L3 --contexts 320000 --chunk 32768 --decode-steps 5 $P3
+}
 
 step "NIAH, most aggressive ratios (gate vs heuristic)"
 pids=()
