@@ -2,7 +2,8 @@
 # One device call for an 80 GB card (H100), after `make build` and `scripts/gpu_check.sh stage`
 # here; carry .devrun/gpu. (1) the CUDA test suite; (2) issue 4 DW4: the largest Llama-3-8B-1048k
 # context whose full-attention cache fits (tried from the top down, synthetic prefix, last 32K
-# chunk real), DuoAttention 50% decode at that context, and DuoAttention 50% at 900K; (3) the whole
+# chunk real), DuoAttention 50% decode at that context, and DuoAttention 50% at 900K; (3) the
+# identify profile (PROFILE=0 skips it); (4) the whole
 # CUDA suite under compute-sanitizer memcheck, 4 shards in parallel, within MEMCHECK_S seconds
 # (API errors not reported: one test provokes an out-of-memory on purpose).
 # Results: $OUT/card80.tar + log.txt.
@@ -24,7 +25,7 @@ L3="--random-weights --config $G/configs/llama-3-8b-1048k.json --synthetic-prefi
 P3="--pattern $G/patterns/Llama-3-8B-Instruct-Gradient-1048k --sparsity 0.5"
 step "DW4: largest full-attention context (from the top down)"
 fit=0
-for n in ${FULL_TRY:-500000 480000 460000 440000 420000 400000}; do
+for n in ${FULL_TRY:-530000 515000 500000 480000 460000 440000}; do
   bench l3_full_$n 90 $L3 --contexts $n
   if grep -q '"decode_ms_per_token_median"' "$R/l3_full_$n.json" 2>/dev/null; then fit=$n; break; fi
   tail -c 300 "$R/l3_full_$n.err"; echo
@@ -34,6 +35,14 @@ if [[ $fit -gt 0 ]]; then bench l3_duo50_$fit 90 $L3 $P3 --contexts $fit; fi
 step "DW4: DuoAttention 50% at 900K"
 bench l3_duo50_900000 120 $L3 $P3 --contexts 900000
 nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
+
+if [[ ${PROFILE:-1} == 1 ]]; then
+step "identify profile: Llama-3-8B config, random weights (issue 6: under 1 h on one H100)"
+timeout 240 "$DUO" identify --backend cuda --random-weights --config $G/configs/llama-3-8b-1048k.json \
+  --profile-contexts 1024,8192,32000 --profile-steps 3 --json "$R/identify_profile.json" \
+  > "$R/identify_profile.log" 2>&1; echo "identify profile rc=$?"
+grep -E "^ +(1024|8192|32000) |^fit|^projection" "$R/identify_profile.log"
+fi
 
 step "compute-sanitizer memcheck over the whole CUDA suite (4 shards)"
 CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
