@@ -37,7 +37,16 @@ echo "torch again:"; grep decode "$R/attn_torch2.jsonl"
 L3="--random-weights --config $G/configs/llama-3-8b-1048k.json"
 L2="--random-weights --config $G/configs/llama-2-7b-32k.json"
 P2="--pattern $G/patterns/Llama-2-7B-32K-Instruct --sparsity 0.75"
-for mma in 0 1; do
+if [[ -f .devrun/me/duo_base.gz ]]; then  # the previous build, same call, for A/B
+  gunzip -c .devrun/me/duo_base.gz > /tmp/duo_base && chmod +x /tmp/duo_base
+  step "base build $(cat .devrun/me/base_commit.txt 2>/dev/null): same three runs"
+  DUO_SAVE=$DUO; DUO=/tmp/duo_base
+  bench base_l3_32k 120 $L3 --contexts 32000 --synthetic-prefix --decode-steps 200
+  bench base_l2_120k_full 120 $L2 --contexts 120000 --synthetic-prefix --decode-steps 100
+  bench base_l2_120k_duo75 120 $L2 $P2 --contexts 120000 --synthetic-prefix --decode-steps 100
+  DUO=$DUO_SAVE
+fi
+for mma in ${DECODE_MMA:-0 1}; do
   step "DUO_DECODE_MMA=$mma: Llama-3-8B 32K full (DW6); Llama-2-7B 120K full vs 25% (DW3)"
   DUO_DECODE_MMA=$mma bench l3_32k_mma$mma 120 $L3 --contexts 32000 --synthetic-prefix --decode-steps 200
   DUO_DECODE_MMA=$mma bench l2_120k_full_mma$mma 120 $L2 --contexts 120000 --synthetic-prefix --decode-steps 100
