@@ -46,13 +46,10 @@ constexpr int kDecodeThreads = 128;
 constexpr int kUnroll = 4;  // keys per lane-group per iteration
 constexpr int kMaxSplits = 1024;
 
-// Most splits a decode step may use (it sizes the workspace): up to 4 per SM, so that a few
-// retrieval heads (DuoAttention at high sparsity) can still fill every SM's block slots, at least
-// 256 keys per split.
 int64_t preferred_splits(int64_t max_context, int num_sms) {
   const int64_t by_len = std::max<int64_t>(1, (max_context + 255) / 256);
-  const int64_t slots = std::min<int64_t>(4 * static_cast<int64_t>(std::max(num_sms, 1)), kMaxSplits);
-  return std::max<int64_t>(1, std::min<int64_t>(slots, by_len));
+  const int64_t sms = std::min(std::max(num_sms, 1), kMaxSplits);
+  return std::max<int64_t>(1, std::min<int64_t>(sms, by_len));
 }
 
 // Visible keys of the decode query (t = p0) for KV head g, as e -> position: e < a_len -> e,
