@@ -381,33 +381,7 @@ __global__ void __launch_bounds__(kMmaThreads)
         s[nt][e] = in ? s[nt][e] * a.scale_log2 : -INFINITY;
         s[nt][2 + e] = in ? s[nt][2 + e] * a.scale_log2 : -INFINITY;
       }
-    float mx_a = fmaxf(m_a, fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1])));
-    float mx_b = fmaxf(m_b, fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3])));
-    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
-    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
-    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
-    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
-    const float base_a = mx_a == -INFINITY ? 0.f : mx_a;
-    const float base_b = mx_b == -INFINITY ? 0.f : mx_b;
-    const float alpha_a = exp2f(m_a - base_a), alpha_b = exp2f(m_b - base_b);
-    m_a = mx_a;
-    m_b = mx_b;
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      s[nt][0] = exp2f(s[nt][0] - base_a);
-      s[nt][1] = exp2f(s[nt][1] - base_a);
-      s[nt][2] = exp2f(s[nt][2] - base_b);
-      s[nt][3] = exp2f(s[nt][3] - base_b);
-    }
-    l_a = l_a * alpha_a + s[0][0] + s[0][1] + s[1][0] + s[1][1];
-    l_b = l_b * alpha_b + s[0][2] + s[0][3] + s[1][2] + s[1][3];
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      o[i][0] *= alpha_a;
-      o[i][1] *= alpha_a;
-      o[i][2] *= alpha_b;
-      o[i][3] *= alpha_b;
-    }
+    online_softmax_step(s, o, m_a, m_b, l_a, l_b);
     uint32_t pa[4];  // P as the A operand (16 rows x the warp's 16 keys)
     pa[0] = pack_bf16(s[0][0], s[0][1]);
     pa[1] = pack_bf16(s[0][2], s[0][3]);

@@ -229,7 +229,6 @@ __global__ void __launch_bounds__(kThreads)
     int64_t base, end;
     kt.at(k, base, end);
     const bool full = tile_full(w, base, end, t0, rb_last);
-    float mx_a = m_a, mx_b = m_b;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
@@ -242,39 +241,8 @@ __global__ void __launch_bounds__(kThreads)
           if (!(j < end && tb < n && sees(w, tb, rbb, j))) s[nt][2 + e] = -INFINITY;
         }
       }
-      mx_a = fmaxf(mx_a, fmaxf(s[nt][0], s[nt][1]));
-      mx_b = fmaxf(mx_b, fmaxf(s[nt][2], s[nt][3]));
     }
-    // Row maxima over the quad of lanes that shares a row.
-    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
-    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
-    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
-    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
-    // A row with nothing visible yet keeps m = -inf; subtract 0 instead (exp2(-inf) = 0).
-    const float base_a = mx_a == -INFINITY ? 0.0f : mx_a;
-    const float base_b = mx_b == -INFINITY ? 0.0f : mx_b;
-    const float alpha_a = exp2f(m_a - base_a), alpha_b = exp2f(m_b - base_b);
-    m_a = mx_a;
-    m_b = mx_b;
-    float sum_a = 0.0f, sum_b = 0.0f;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      s[nt][0] = exp2f(s[nt][0] - base_a);
-      s[nt][1] = exp2f(s[nt][1] - base_a);
-      s[nt][2] = exp2f(s[nt][2] - base_b);
-      s[nt][3] = exp2f(s[nt][3] - base_b);
-      sum_a += s[nt][0] + s[nt][1];
-      sum_b += s[nt][2] + s[nt][3];
-    }
-    l_a = l_a * alpha_a + sum_a;
-    l_b = l_b * alpha_b + sum_b;
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      o[i][0] *= alpha_a;
-      o[i][1] *= alpha_a;
-      o[i][2] *= alpha_b;
-      o[i][3] *= alpha_b;
-    }
+    online_softmax_step(s, o, m_a, m_b, l_a, l_b);
     times_rows<D, kBN>(o, s, cV);
     __syncthreads();  // the next iteration's loads overwrite this buffer
   }

@@ -34,4 +34,51 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// One step of the base-2 online softmax for the two rows a thread holds in an m16 accumulator
+// tile (FlashAttention-2): s[NT][4] holds this key tile's scores in log2 units (masked ones -inf),
+// elements 0-1 of row a = lane / 4 and 2-3 of row b = a + 8. Updates the running row maxima m and
+// sums l (this thread's share of l; the quad's shares are added at the end), turns s into
+// unnormalised probabilities and rescales the output accumulator o[DT][4] by exp2(m_old - m_new).
+template <int NT, int DT>
+__device__ __forceinline__ void online_softmax_step(float (&s)[NT][4], float (&o)[DT][4],
+                                                    float& m_a, float& m_b, float& l_a,
+                                                    float& l_b) {
+  float mx_a = m_a, mx_b = m_b;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    mx_a = fmaxf(mx_a, fmaxf(s[nt][0], s[nt][1]));
+    mx_b = fmaxf(mx_b, fmaxf(s[nt][2], s[nt][3]));
+  }
+  // Row maxima over the quad of lanes that shares a row.
+  mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+  mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+  mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+  mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+  // A row with nothing visible yet keeps m = -inf; subtract 0 instead (exp2(-inf) = 0).
+  const float base_a = mx_a == -INFINITY ? 0.0f : mx_a;
+  const float base_b = mx_b == -INFINITY ? 0.0f : mx_b;
+  const float alpha_a = exp2f(m_a - base_a), alpha_b = exp2f(m_b - base_b);
+  m_a = mx_a;
+  m_b = mx_b;
+  float sum_a = 0.0f, sum_b = 0.0f;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    s[nt][0] = exp2f(s[nt][0] - base_a);
+    s[nt][1] = exp2f(s[nt][1] - base_a);
+    s[nt][2] = exp2f(s[nt][2] - base_b);
+    s[nt][3] = exp2f(s[nt][3] - base_b);
+    sum_a += s[nt][0] + s[nt][1];
+    sum_b += s[nt][2] + s[nt][3];
+  }
+  l_a = l_a * alpha_a + sum_a;
+  l_b = l_b * alpha_b + sum_b;
+#pragma unroll
+  for (int i = 0; i < DT; ++i) {
+    o[i][0] *= alpha_a;
+    o[i][1] *= alpha_a;
+    o[i][2] *= alpha_b;
+    o[i][3] *= alpha_b;
+  }
+}
+
 }  // namespace duo::cuda
