@@ -30,6 +30,12 @@ grep decode "$R/attn_torch.jsonl"
 timeout 120 "$G/duo_attention_bench" --decode-only > "$R/attn_duo.jsonl" 2>&1
 grep decode "$R/attn_duo.jsonl"
 
+if [[ ${PREFILL_BENCH:-0} == 1 ]]; then
+  step "prefill attention kernels (duo_attention_bench --prefill-only)"
+  timeout 120 "$G/duo_attention_bench" --prefill-only > "$R/attn_prefill.jsonl" 2>&1
+  grep -E "prefill|streaming|half" "$R/attn_prefill.jsonl" | head -12
+fi
+
 step "copy bandwidth (torch, 4 GiB D2D, 2 x bytes / time, median of 15)"
 timeout 60 python3 - <<'PY'
 import torch

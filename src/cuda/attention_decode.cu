@@ -382,18 +382,7 @@ __global__ void __launch_bounds__(kMmaThreads)
         s[nt][2 + e] = in ? s[nt][2 + e] * a.scale_log2 : -INFINITY;
       }
     online_softmax_step(s, o, m_a, m_b, l_a, l_b);
-    uint32_t pa[4];  // P as the A operand (16 rows x the warp's 16 keys)
-    pa[0] = pack_bf16(s[0][0], s[0][1]);
-    pa[1] = pack_bf16(s[0][2], s[0][3]);
-    pa[2] = pack_bf16(s[1][0], s[1][1]);
-    pa[3] = pack_bf16(s[1][2], s[1][3]);
-#pragma unroll
-    for (int dp = 0; dp < D / 16; ++dp) {
-      uint32_t b[4];
-      ldmatrix_x4_trans(b, cV + ((lane % 8) + ((lane / 8) % 2) * 8) * LDS + dp * 16 + (lane / 16) * 8);
-      mma_bf16(o[2 * dp], pa, b[0], b[1]);
-      mma_bf16(o[2 * dp + 1], pa, b[2], b[3]);
-    }
+    p_times_v<D, 16, LDS>(o, s, cV);  // O += P V over the warp's 16 keys
     __syncthreads();  // the slot is refilled next step
   }
   cp_async_wait<0>();

@@ -170,24 +170,7 @@ __global__ void __launch_bounds__(WARPS * 32) prefill_kernel(const KArgs a) {
     }
     online_softmax_step(s, o, m_a, m_b, l_a, l_b);
 
-    // O += P V
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      uint32_t pa[4];
-      pa[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-      pa[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-      pa[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t b[4];
-        const int key = kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
-        const int dim = dp * 16 + (lane / 16) * 8;
-        ldmatrix_x4_trans(b, cV + key * LDS + dim);
-        mma_bf16(o[2 * dp], pa, b[0], b[1]);
-        mma_bf16(o[2 * dp + 1], pa, b[2], b[3]);
-      }
-    }
+    p_times_v<D, kBN, LDS>(o, s, cV);  // O += P V
     __syncthreads();
   }
   if (ntiles == 0) cp_async_wait<0>();

@@ -111,14 +111,6 @@ __device__ __forceinline__ void load_b_nk(uint32_t* b, const bf16* s, int n0, in
   const int lane = threadIdx.x % 32;
   ldmatrix_x4(b, s + (n0 + lane % 8 + (lane / 16) * 8) * lds<D>() + k0 + ((lane / 8) % 2) * 8);
 }
-// The same from a tile stored [k][n].
-template <int D>
-__device__ __forceinline__ void load_b_kn(uint32_t* b, const bf16* s, int k0, int n0) {
-  const int lane = threadIdx.x % 32;
-  ldmatrix_x4_trans(b,
-                    s + (k0 + lane % 8 + ((lane / 8) % 2) * 8) * lds<D>() + n0 + (lane / 16) * 8);
-}
-
 // acc[16 x NT*8] += A[16 x D] (rows row0.. of sa) B^T, B = sb [NT*8][D]: scores of 16 rows.
 template <int D, int NT>
 __device__ __forceinline__ void scores(float (*acc)[4], const bf16* sa, int row0, const bf16* sb) {
@@ -136,24 +128,10 @@ __device__ __forceinline__ void scores(float (*acc)[4], const bf16* sa, int row0
   }
 }
 
-// acc[16 x D] += P[16 x K] sb[K][D] with P in C-fragment form (p[K/8][4]), rounded to bf16.
+// acc[16 x D] += P[16 x K] sb[K][D] (cuda/mma_bf16.cuh) on this file's padded tiles.
 template <int D, int K>
 __device__ __forceinline__ void times_rows(float (*acc)[4], const float (*p)[4], const bf16* sb) {
-#pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk) {
-    uint32_t a[4];
-    a[0] = pack_bf16(p[2 * kk][0], p[2 * kk][1]);
-    a[1] = pack_bf16(p[2 * kk][2], p[2 * kk][3]);
-    a[2] = pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]);
-    a[3] = pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3]);
-#pragma unroll
-    for (int dp = 0; dp < D / 16; ++dp) {
-      uint32_t b[4];
-      load_b_kn<D>(b, sb, kk * 16, dp * 16);
-      mma_bf16(acc[2 * dp], a, b[0], b[1]);
-      mma_bf16(acc[2 * dp + 1], a, b[2], b[3]);
-    }
-  }
+  p_times_v<D, K, lds<D>()>(acc, p, sb);
 }
 
 template <int NT>

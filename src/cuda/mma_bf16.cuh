@@ -34,6 +34,36 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// B fragments of two n-tiles (n0..n0+15) x 16 k from a shared-memory tile stored [k][n] with a row
+// stride of LDS elements (ldmatrix .trans).
+template <int LDS>
+__device__ __forceinline__ void load_b_kn(uint32_t* b, const __nv_bfloat16* s, int k0, int n0) {
+  const int lane = threadIdx.x % 32;
+  ldmatrix_x4_trans(b, s + (k0 + lane % 8 + ((lane / 8) % 2) * 8) * LDS + n0 + (lane / 16) * 8);
+}
+
+// acc[16 x D] += P[16 x K] V[K][D]: P in accumulator-fragment form (p[K/8][4], as scores come out
+// of mma), rounded to bf16 as the A operand; V a shared-memory tile with a row stride of LDS.
+template <int D, int K, int LDS>
+__device__ __forceinline__ void p_times_v(float (*acc)[4], const float (*p)[4],
+                                          const __nv_bfloat16* v) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a[4];
+    a[0] = pack_bf16(p[2 * kk][0], p[2 * kk][1]);
+    a[1] = pack_bf16(p[2 * kk][2], p[2 * kk][3]);
+    a[2] = pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+    a[3] = pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      uint32_t b[4];
+      load_b_kn<LDS>(b, v, kk * 16, dp * 16);
+      mma_bf16(acc[2 * dp], a, b[0], b[1]);
+      mma_bf16(acc[2 * dp + 1], a, b[2], b[3]);
+    }
+  }
+}
+
 // One step of the base-2 online softmax for the two rows a thread holds in an m16 accumulator
 // tile (FlashAttention-2): s[NT][4] holds this key tile's scores in log2 units (masked ones -inf),
 // elements 0-1 of row a = lane / 4 and 2-3 of row b = a + 8. Updates the running row maxima m and
