@@ -116,8 +116,10 @@ TEST(DemoModelGolden, NiahPromptMatchesPython) {
     std::vector<int32_t> hay = tok->encode(text, false);
     ASSERT_GE(hay.size(), 160u);
     hay.resize(160);  // HAY_TOKENS, needle at token 60 (tools/fixtures/make_demo_golden.py)
-    const Needle n{g.meta["needle"].get<std::string>(), g.meta["question"].get<std::string>(),
-                   g.meta["needle"].get<std::string>(), {}};
+    const Needle n{g.meta["needle"].get<std::string>(),
+                   g.meta["question"].get<std::string>(),
+                   g.meta["needle"].get<std::string>(),
+                   {}};
     const auto want = g.meta["prompt"].get<std::vector<int32_t>>();
     const NiahPrompt p =
         build_niah_prompt(*tok, hay, n, static_cast<int64_t>(want.size()), 60.0 / 160.0 * 100.0);

@@ -58,16 +58,15 @@ TEST(Niah, KeyValuePromptHoldsEveryPairOnceWithTheAskedOneAtDepth) {
   EXPECT_NE(kv_needle(8, 5).needle, n.needle);
   auto find = [](const std::vector<int32_t>& ids, const std::vector<int32_t>& part) {
     std::vector<int64_t> at;
-    for (auto it = ids.begin(); (it = std::search(it, ids.end(), part.begin(), part.end())) !=
-                                ids.end();
-         ++it)
+    for (auto it = ids.begin();
+         (it = std::search(it, ids.end(), part.begin(), part.end())) != ids.end(); ++it)
       at.push_back(it - ids.begin());
     return at;
   };
   const auto asked = tok->encode("\n" + n.needle + "\n", false);
-  int64_t fixed = 1 + static_cast<int64_t>(asked.size()) +
-                  static_cast<int64_t>(
-                      tok->encode("\n\nQuestion: " + n.question + "\nAnswer:", false).size());
+  int64_t fixed =
+      1 + static_cast<int64_t>(asked.size()) +
+      static_cast<int64_t>(tok->encode("\n\nQuestion: " + n.question + "\nAnswer:", false).size());
   for (const auto& d : n.distractors)
     fixed += static_cast<int64_t>(tok->encode("\n" + d + "\n", false).size());
   for (double depth : {0.0, 30.0, 100.0}) {
@@ -85,9 +84,10 @@ TEST(Niah, KeyValuePromptHoldsEveryPairOnceWithTheAskedOneAtDepth) {
       EXPECT_EQ(find(p.ids, ids).size(), 1u) << n.distractors[i];
       if (d < depth) earlier_tokens += static_cast<int64_t>(ids.size());
     }
-    EXPECT_EQ(p.needle_position,
-              1 + earlier_tokens +
-                  static_cast<int64_t>(std::llround(depth / 100.0 * static_cast<double>(2000 - fixed))));
+    EXPECT_EQ(
+        p.needle_position,
+        1 + earlier_tokens +
+            static_cast<int64_t>(std::llround(depth / 100.0 * static_cast<double>(2000 - fixed))));
   }
   EXPECT_THROW(build_niah_prompt(*tok, hay, n, 60, 50), Error);
   EXPECT_THROW(kv_needle(1, 0), Error);

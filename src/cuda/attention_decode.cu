@@ -80,7 +80,7 @@ __device__ __forceinline__ int64_t split_len(int64_t count, int splits, int unit
   return (len + unit - 1) / unit * unit;
 }
 template <int D>
-constexpr int kSimtUnit = (32 / (D / 8)) * kUnroll * (kDecodeThreads / 32);
+constexpr int kSimtUnit = (32 / (D / 8)) * kUnroll*(kDecodeThreads / 32);
 
 __device__ __forceinline__ void bf16x8_to_float(const uint4& u, float* f) {
   const __nv_bfloat162* b = reinterpret_cast<const __nv_bfloat162*>(&u);
@@ -274,11 +274,11 @@ __global__ void __launch_bounds__(kDecodeThreads)
   }
 }
 
-// Tensor-core split kernel (GQA groups >= 4, decode_use_mma): grid (splits, num_kv_heads * head_tiles),
-// 4 warps. A block takes KV head g and up to 16 of its query heads as the rows of one m16 tile
-// (rows past the group are zero), and one split of g's visible keys, walked in tiles of kMmaBN
-// keys through a kMmaStages-deep cp.async ring in shared memory. Warp w owns keys [16w, 16w + 16)
-// of every tile: S = Q K^T (16 x 16, mma m16n8k16), base-2 online softmax per row, O += P V
+// Tensor-core split kernel (GQA groups >= 4, decode_use_mma): grid (splits, num_kv_heads *
+// head_tiles), 4 warps. A block takes KV head g and up to 16 of its query heads as the rows of one
+// m16 tile (rows past the group are zero), and one split of g's visible keys, walked in tiles of
+// kMmaBN keys through a kMmaStages-deep cp.async ring in shared memory. Warp w owns keys [16w, 16w
+// + 16) of every tile: S = Q K^T (16 x 16, mma m16n8k16), base-2 online softmax per row, O += P V
 // (16 x D). The four warps' (m, l, O) then merge through shared memory and the block writes
 // (o unnormalised, m, l) per query head, as decode_split_kernel does, for decode_merge_kernel.
 // The SIMT kernel spent its issue slots on 16-lane shuffle reductions per key and head and topped
@@ -287,8 +287,8 @@ constexpr int kMmaBN = 64, kMmaStages = 3, kMmaThreads = 128;
 template <int D>
 constexpr int kMmaLds = D + 8;  // padded row (elements): conflict-free ldmatrix
 template <int D>
-constexpr size_t kMmaSmemBytes =
-    (static_cast<size_t>(16) + 2 * kMmaStages * kMmaBN) * kMmaLds<D> * sizeof(bf16);
+constexpr size_t kMmaSmemBytes = (static_cast<size_t>(16) + 2 * kMmaStages * kMmaBN) * kMmaLds<D> *
+                                 sizeof(bf16);
 
 template <int D>
 __global__ void __launch_bounds__(kMmaThreads)
@@ -297,9 +297,9 @@ __global__ void __launch_bounds__(kMmaThreads)
   pdl_launch_dependents();
   constexpr int LDS = kMmaLds<D>, KD = D / 16, CPR = D / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* sQ = reinterpret_cast<bf16*>(smem_raw);           // [16][LDS]
-  bf16* sK = sQ + 16 * LDS;                               // [stages][kMmaBN][LDS]
-  bf16* sV = sK + kMmaStages * kMmaBN * LDS;              // [stages][kMmaBN][LDS]
+  bf16* sQ = reinterpret_cast<bf16*>(smem_raw);  // [16][LDS]
+  bf16* sK = sQ + 16 * LDS;                      // [stages][kMmaBN][LDS]
+  bf16* sV = sK + kMmaStages * kMmaBN * LDS;     // [stages][kMmaBN][LDS]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t p0 = load_p0(a);
   const int head_tiles = (a.group + 15) / 16;
@@ -327,7 +327,7 @@ __global__ void __launch_bounds__(kMmaThreads)
       const int64_t e = e_begin + static_cast<int64_t>(t) * kMmaBN + r;
       const bool ok = e < e_end;
       const bf16 *kp = a.q, *vp = a.q;  // any valid address when !ok (nothing is read)
-      if (ok && retrieval) {  // contiguous rows, position == e
+      if (ok && retrieval) {            // contiguous rows, position == e
         kp = a.rk + (static_cast<int64_t>(g) * a.capacity + e) * D + col;
         vp = a.rv + (static_cast<int64_t>(g) * a.capacity + e) * D + col;
       } else if (ok) {
@@ -383,7 +383,7 @@ __global__ void __launch_bounds__(kMmaThreads)
       }
     online_softmax_step(s, o, m_a, m_b, l_a, l_b);
     p_times_v<D, 16, LDS>(o, s, cV);  // O += P V over the warp's 16 keys
-    __syncthreads();  // the slot is refilled next step
+    __syncthreads();                  // the slot is refilled next step
   }
   cp_async_wait<0>();
   __syncthreads();
@@ -436,8 +436,7 @@ __global__ void __launch_bounds__(kMmaThreads)
 
 template <int D>
 __global__ void __launch_bounds__(D) decode_merge_kernel(const KArgs a, const float* ws, int splits,
-                                                         int unit, bf16* append_k,
-                                                         bf16* append_v) {
+                                                         int unit, bf16* append_k, bf16* append_v) {
   pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
   pdl_launch_dependents();
   constexpr int W = D / 32;
@@ -542,7 +541,8 @@ int decode_mma_occupancy() {
   static std::atomic<int> occ{0};
   if (occ == 0) {
     int v = 0;
-    if (cudaFuncSetAttribute(decode_mma_split_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    if (cudaFuncSetAttribute(decode_mma_split_kernel<D>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(kMmaSmemBytes<D>)) != cudaSuccess ||
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, decode_mma_split_kernel<D>, kMmaThreads,
                                                       kMmaSmemBytes<D>) != cudaSuccess) {

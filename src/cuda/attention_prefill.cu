@@ -20,9 +20,9 @@
 
 #include "core/error.h"
 #include "cuda/async_copy.cuh"
-#include "cuda/mma_bf16.cuh"
 #include "cuda/attention_internal.cuh"
 #include "cuda/cuda_check.h"
+#include "cuda/mma_bf16.cuh"
 
 namespace duo::cuda::detail {
 namespace {

@@ -3,11 +3,11 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
-#include <random>
 #include <iterator>
+#include <random>
 #include <set>
-#include <utility>
 #include <sstream>
+#include <utility>
 
 #include "core/error.h"
 #include "core/file_util.h"
@@ -25,28 +25,30 @@ Needle passkey_needle(uint64_t seed) {
   std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ull + 17);
   const std::string n = std::to_string(10000 + rng() % 90000);
   return {"The pass key is " + n + ". Remember it. " + n + " is the pass key.",
-          "What is the pass key?", n, {}};
+          "What is the pass key?",
+          n,
+          {}};
 }
 
 Needle kv_needle(uint64_t seed, int64_t pairs) {
   check(pairs >= 1 && pairs <= 256, "key-value pairs must be in [1, 256], got ", pairs);
   // The demo models' training vocabulary for keys (tools/make_needle_data.py KV_ADJ, KV_NOUN).
   static const char* const kAdj[] = {
-      "red",    "blue",   "green",    "silver", "golden",  "quiet",  "rapid",  "ancient",
-      "frozen", "hidden", "bright",   "dark",   "little",  "northern", "southern", "wild",
-      "gentle", "iron",   "crystal",  "hollow", "lucky",   "purple", "sleepy", "brave",
-      "copper", "misty",  "royal",    "sunny",  "stormy",  "velvet"};
+      "red",    "blue",   "green",   "silver", "golden", "quiet",    "rapid",    "ancient",
+      "frozen", "hidden", "bright",  "dark",   "little", "northern", "southern", "wild",
+      "gentle", "iron",   "crystal", "hollow", "lucky",  "purple",   "sleepy",   "brave",
+      "copper", "misty",  "royal",   "sunny",  "stormy", "velvet"};
   static const char* const kNoun[] = {
-      "falcon", "river",  "lantern", "castle",  "meadow",    "harbor", "comet",   "forest",
-      "engine", "garden", "tower",   "island",  "mountain",  "violin", "compass", "anchor",
-      "bridge", "cathedral", "desert", "glacier", "kettle",  "mirror", "orchard", "pyramid",
-      "rocket", "saddle", "temple",  "tunnel",  "valley",    "window"};
+      "falcon", "river",     "lantern", "castle",  "meadow",   "harbor", "comet",   "forest",
+      "engine", "garden",    "tower",   "island",  "mountain", "violin", "compass", "anchor",
+      "bridge", "cathedral", "desert",  "glacier", "kettle",   "mirror", "orchard", "pyramid",
+      "rocket", "saddle",    "temple",  "tunnel",  "valley",   "window"};
   std::mt19937_64 rng(seed * 0xD1B54A32D192ED03ull + 29);
   std::set<std::string> used;
   Needle n;
   while (static_cast<int64_t>(used.size()) < pairs) {
-    const std::string key = std::string(kAdj[rng() % std::size(kAdj)]) + "-" +
-                            kNoun[rng() % std::size(kNoun)];
+    const std::string key =
+        std::string(kAdj[rng() % std::size(kAdj)]) + "-" + kNoun[rng() % std::size(kNoun)];
     if (!used.insert(key).second) continue;
     const std::string value = std::to_string(100000 + rng() % 900000);
     const std::string text = "The special magic number for " + key + " is: " + value + ".";
@@ -97,7 +99,8 @@ NiahPrompt build_niah_prompt(const Tokenizer& tok, const std::vector<int32_t>& h
   const double k = static_cast<double>(n.distractors.size());
   for (size_t i = 0; i < n.distractors.size(); ++i) {
     needles.push_back(tok.encode("\n" + n.distractors[i] + "\n", false));
-    depths.push_back(std::fmod(depth_percent + static_cast<double>(i + 1) * 100.0 / (k + 1), 100.0));
+    depths.push_back(
+        std::fmod(depth_percent + static_cast<double>(i + 1) * 100.0 / (k + 1), 100.0));
   }
   int64_t fixed = static_cast<int64_t>(bos.size() + question.size());
   for (const auto& t : needles) fixed += static_cast<int64_t>(t.size());
