@@ -14,14 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 cat "$G/commit.txt" 2>/dev/null
 
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
-step "CUDA tests, then the decode tests with each split kernel forced (DUO_DECODE_MMA=0 / 1)"
-timeout 200 "$G/duo_cuda_tests" > "$R/cuda_tests.log" 2>&1; echo "cuda tests rc=$?"
-grep -E "^\[  (PASSED|FAILED) |^\[  FAILED" "$R/cuda_tests.log" | tail -12
-for mma in 0 1; do  # each decode split kernel on every case
-  DUO_DECODE_MMA=$mma timeout 200 "$G/duo_cuda_tests" --gtest_filter='Attention*:Decode*:CudaDuo*' \
-    > "$R/cuda_tests_mma$mma.log" 2>&1; echo "DUO_DECODE_MMA=$mma decode tests rc=$?"
-  grep -E "^\[  (PASSED|FAILED) |^\[  FAILED" "$R/cuda_tests_mma$mma.log" | tail -6
-done
+cuda_tests
 fi
 
 step "decode attention: torch SDPA, then duo SIMT (DUO_DECODE_MMA=0) and tensor-core kernels"

@@ -32,3 +32,32 @@ for r in j["results"]:
         r["peak_device_bytes"] / 1e9, r["kv_bytes_total"] / 1e9))
 PY
 }
+
+# cuda_tests: the whole CUDA suite into $R/cuda_tests.log, then the decode tests with each decode
+# split kernel forced (DUO_DECODE_MMA=0: SIMT, 1: tensor cores) into $R/cuda_tests_mma{0,1}.log.
+cuda_tests() {
+  step "CUDA tests, then the decode tests with each split kernel forced (DUO_DECODE_MMA=0 / 1)"
+  timeout 300 "$G/duo_cuda_tests" > "$R/cuda_tests.log" 2>&1; echo "cuda tests rc=$?"
+  grep -E "^\[  (PASSED|FAILED) |^\[  FAILED" "$R/cuda_tests.log" | tail -12
+  local mma
+  for mma in 0 1; do
+    DUO_DECODE_MMA=$mma timeout 200 "$G/duo_cuda_tests" --gtest_filter='Attention*:Decode*:CudaDuo*' \
+      > "$R/cuda_tests_mma$mma.log" 2>&1; echo "DUO_DECODE_MMA=$mma decode tests rc=$?"
+    grep -E "^\[  (PASSED|FAILED) |^\[  FAILED" "$R/cuda_tests_mma$mma.log" | tail -6
+  done
+}
+
+# random_patterns DIR: seeded random head patterns for the two demo models (random.seed(7), uniform
+# gates, 8 layers x 4 / 2 KV heads) in DIR/pattern-random-{mha,gqa}: the baseline the identified
+# patterns must beat.
+random_patterns() {
+  python3 - "$1" <<'PY'
+import os, random, sys
+for m, L, H in (("mha", 8, 4), ("gqa", 8, 2)):
+    random.seed(7)
+    d = os.path.join(sys.argv[1], "pattern-random-" + m); os.makedirs(d, exist_ok=True)
+    with open(d + "/full_attention_heads.tsv", "w") as f:
+        for _ in range(L): f.write("\t".join("%.18e" % random.random() for _ in range(H)) + "\n")
+    open(d + "/config.json", "w").write('{"sink_size": 64, "recent_size": 256, "method": "random, seed 7"}')
+PY
+}

@@ -15,14 +15,7 @@ source scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 cat "$G/commit.txt" 2>/dev/null
 
-step "CUDA tests, then the decode tests with each split kernel forced (DUO_DECODE_MMA=0 / 1)"
-timeout 300 "$G/duo_cuda_tests" > "$R/cuda_tests.log" 2>&1; echo "cuda tests rc=$?"
-grep -E "^\[  (PASSED|FAILED) |^\[  FAILED" "$R/cuda_tests.log" | tail -12
-for mma in 0 1; do
-  DUO_DECODE_MMA=$mma timeout 200 "$G/duo_cuda_tests" --gtest_filter='Attention*:Decode*:CudaDuo*' \
-    > "$R/cuda_tests_mma$mma.log" 2>&1; echo "DUO_DECODE_MMA=$mma decode tests rc=$?"
-  grep -E "^\[  (PASSED|FAILED) |^\[  FAILED" "$R/cuda_tests_mma$mma.log" | tail -4
-done
+cuda_tests
 
 step "decode attention vs torch SDPA (DW2)"
 timeout 120 python3 "$G/attention_baseline.py" --decode-only > "$R/attn_torch.jsonl" 2>&1

@@ -27,15 +27,7 @@ wait
 echo "cuda tests: $(grep -E '^\[  (PASSED|FAILED) ' "$R/cuda_tests.log" | tr '\n' ' ')"
 for f in "$R"/identify-*.log; do echo "$f: $(tail -c 300 "$f" | tr '\r' '\n' | tail -2 | tr '\n' ' ')"; done
 
-python3 - "$R" <<'PY'
-import os, random, sys
-for m, L, H in (("mha", 8, 4), ("gqa", 8, 2)):
-    random.seed(7)
-    d = os.path.join(sys.argv[1], "pattern-random-" + m); os.makedirs(d, exist_ok=True)
-    with open(d + "/full_attention_heads.tsv", "w") as f:
-        for _ in range(L): f.write("\t".join("%.18e" % random.random() for _ in range(H)) + "\n")
-    open(d + "/config.json", "w").write('{"sink_size": 64, "recent_size": 256, "method": "random, seed 7"}')
-PY
+random_patterns "$R"
 
 echo "== NIAH ($(date +%T))"
 jobs_file=$R/niah_jobs.txt; : > "$jobs_file"

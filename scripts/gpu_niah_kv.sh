@@ -12,15 +12,7 @@ OUT=${OUT:-/tmp/out}; R=$OUT/niah_kv; mkdir -p "$R"
 source scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$R/card.txt"
 cat "$G/commit.txt" | tee "$R/commit.txt"
-python3 - "$R" <<'PY'
-import os, random, sys
-for m, L, H in (("mha", 8, 4), ("gqa", 8, 2)):
-    random.seed(7)
-    d = os.path.join(sys.argv[1], "pattern-random-" + m); os.makedirs(d, exist_ok=True)
-    with open(d + "/full_attention_heads.tsv", "w") as f:
-        for _ in range(L): f.write("\t".join("%.18e" % random.random() for _ in range(H)) + "\n")
-    open(d + "/config.json", "w").write('{"sink_size": 64, "recent_size": 256, "method": "random, seed 7"}')
-PY
+random_patterns "$R"
 jobs_file=$R/jobs.txt; : > "$jobs_file"
 for m in mha gqa; do
   [[ $m == mha ]] && sps="0.75 0.875 0.9375" || sps="0.5 0.75 0.875"
