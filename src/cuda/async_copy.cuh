@@ -29,16 +29,5 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
-// cp_async_wait<n>() for a runtime n in [0, 3] (larger n waits for n = 3).
-__device__ __forceinline__ void cp_async_wait_at_most(int n) {
-  if (n <= 0)
-    cp_async_wait<0>();
-  else if (n == 1)
-    cp_async_wait<1>();
-  else if (n == 2)
-    cp_async_wait<2>();
-  else
-    cp_async_wait<3>();
-}
 
 }  // namespace duo::cuda

@@ -79,8 +79,11 @@ __device__ __forceinline__ int64_t split_len(int64_t count, int splits, int unit
   int64_t len = (count + splits - 1) / splits;
   return (len + unit - 1) / unit * unit;
 }
+// Keys per step of the SIMT split kernel: kUnroll per lane group, 32 / (D / 8) groups per warp.
 template <int D>
-constexpr int kSimtUnit = (32 / (D / 8)) * kUnroll*(kDecodeThreads / 32);
+constexpr int simt_unit() {
+  return kUnroll * (kDecodeThreads / 32) * (32 / (D / 8));
+}
 
 __device__ __forceinline__ void bf16x8_to_float(const uint4& u, float* f) {
   const __nv_bfloat162* b = reinterpret_cast<const __nv_bfloat162*>(&u);
@@ -107,7 +110,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const int h0 = g * a.group + (blockIdx.y % head_tiles) * G;
   const bool retrieval = g < a.num_retrieval;
   const KeyList kl = decode_keys(a, retrieval, p0);
-  const int64_t len = split_len(kl.count, splits, kSimtUnit<D>);
+  const int64_t len = split_len(kl.count, splits, simt_unit<D>());
   const int64_t e_begin = static_cast<int64_t>(blockIdx.x) * len;
   if (e_begin >= kl.count) return;  // unused split
   const int64_t e_end = e_begin + len < kl.count ? e_begin + len : kl.count;
@@ -598,7 +601,7 @@ void launch_decode_g(const KArgs& a, float* ws, int64_t max_splits, bf16* append
   launch_pdl(decode_split_kernel<D, G>, grid, kDecodeThreads, 0, stream, a, ws,
              static_cast<int>(splits));
   launch_pdl(decode_merge_kernel<D>, static_cast<unsigned>(a.num_heads), D, 0, stream, a, ws,
-             static_cast<int>(splits), kSimtUnit<D>, append_k, append_v);
+             static_cast<int>(splits), simt_unit<D>(), append_k, append_v);
 }
 
 template <int D>
