@@ -681,6 +681,12 @@ class CudaBackend final : public Backend {
         pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof(al_c)));
     DUO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
         pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof(al_c)));
+    // DUO_GEMM_REDUCTION=MASK (cublasLtReductionScheme_t bits; 0 = no split-K): a tuning knob.
+    if (const char* e = std::getenv("DUO_GEMM_REDUCTION"); e != nullptr) {
+      const uint32_t mask = static_cast<uint32_t>(std::atoi(e));
+      DUO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+          pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &mask, sizeof(mask)));
+    }
     cublasLtMatmulHeuristicResult_t result{};
     int found = 0;
     const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt_, plan.desc, plan.a, plan.b, plan.c,
@@ -689,8 +695,27 @@ class CudaBackend final : public Backend {
     if (st == CUBLAS_STATUS_SUCCESS && found > 0 && result.state == CUBLAS_STATUS_SUCCESS) {
       plan.algo = result.algo;
       plan.have_algo = true;
+      if (const char* e = std::getenv("DUO_GEMM_INFO"); e != nullptr && e[0] == '1')
+        print_algo(n, m, k, plan.algo);
     }
     return plans_.emplace(key, plan).first->second;
+  }
+  // One line per new GEMM plan (DUO_GEMM_INFO=1): which cuBLASLt configuration runs it.
+  static void print_algo(int64_t n, int64_t m, int64_t k, const cublasLtMatmulAlgo_t& algo) {
+    auto get = [&](cublasLtMatmulAlgoConfigAttributes_t attr) {
+      uint32_t v = 0;
+      size_t written = 0;
+      (void)cublasLtMatmulAlgoConfigGetAttribute(&algo, attr, &v, sizeof(v), &written);
+      return v;
+    };
+    std::fprintf(stderr,
+                 "gemm %lld x %lld x %lld: algo %u tile %u stages %u split-k %u reduction %u "
+                 "swizzle %u cluster %u\n",
+                 static_cast<long long>(n), static_cast<long long>(m), static_cast<long long>(k),
+                 get(CUBLASLT_ALGO_CONFIG_ID), get(CUBLASLT_ALGO_CONFIG_TILE_ID),
+                 get(CUBLASLT_ALGO_CONFIG_STAGES_ID), get(CUBLASLT_ALGO_CONFIG_SPLITK_NUM),
+                 get(CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME), get(CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING),
+                 get(CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID));
   }
   static void destroy_plan(GemmPlan& p) {
     if (p.a) (void)cublasLtMatrixLayoutDestroy(p.a);
