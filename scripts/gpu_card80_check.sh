@@ -21,20 +21,7 @@ step "CUDA tests"
 timeout 200 "$G/duo_cuda_tests" > "$R/cuda_tests.log" 2>&1; echo "cuda tests rc=$?"
 grep -E "^\[  (PASSED|FAILED) |^\[  FAILED" "$R/cuda_tests.log" | tail -12
 
-L3="--random-weights --config $G/configs/llama-3-8b-1048k.json --synthetic-prefix --decode-steps 20"
-P3="--pattern $G/patterns/Llama-3-8B-Instruct-Gradient-1048k --sparsity 0.5"
-step "DW4: largest full-attention context (from the top down)"
-fit=0
-for n in ${FULL_TRY:-530000 515000 500000 480000 460000 440000}; do
-  bench l3_full_$n 90 $L3 --contexts $n
-  if grep -q '"decode_ms_per_token_median"' "$R/l3_full_$n.json" 2>/dev/null; then fit=$n; break; fi
-  tail -c 300 "$R/l3_full_$n.err"; echo
-done
-echo "largest full-attention context tried that fits: $fit"
-if [[ $fit -gt 0 ]]; then bench l3_duo50_$fit 90 $L3 $P3 --contexts $fit; fi
-step "DW4: DuoAttention 50% at 900K"
-bench l3_duo50_900000 120 $L3 $P3 --contexts 900000
-nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
+dw4_80gb
 
 if [[ ${PROFILE:-1} == 1 ]]; then
 step "identify profile: Llama-3-8B config, random weights (issue 6: under 1 h on one H100)"

@@ -61,3 +61,40 @@ for m, L, H in (("mha", 8, 4), ("gqa", 8, 2)):
     open(d + "/config.json", "w").write('{"sink_size": 64, "recent_size": 256, "method": "random, seed 7"}')
 PY
 }
+
+# copy_bandwidth: device-to-device copy bandwidth (torch, 4 GiB, 2 x bytes / time, median of 15),
+# the denominator of issue 4's decode floor.
+copy_bandwidth() {
+  step "copy bandwidth (torch, 4 GiB D2D, 2 x bytes / time, median of 15)"
+  timeout 60 python3 - <<'PY'
+import torch
+n = 4 << 30
+x = torch.empty(n, dtype=torch.uint8, device="cuda"); y = torch.empty_like(x)
+for _ in range(3): y.copy_(x)
+torch.cuda.synchronize(); ts = []
+for _ in range(15):
+    a = torch.cuda.Event(enable_timing=True); b = torch.cuda.Event(enable_timing=True)
+    a.record(); y.copy_(x); b.record(); b.synchronize(); ts.append(a.elapsed_time(b) / 1e3)
+ts.sort(); print("copy_bandwidth_TBps %.3f" % (2 * n / ts[len(ts) // 2] / 1e12))
+PY
+}
+
+# dw4_80gb: issue 4 DW4 on an 80 GB card: the largest Llama-3-8B-1048k context whose full-attention
+# cache fits (tried from the top down, $FULL_TRY; synthetic prefix, last 32K chunk real),
+# DuoAttention 50% at that context, and DuoAttention 50% at 900K.
+dw4_80gb() {
+  local L3="--random-weights --config $G/configs/llama-3-8b-1048k.json --synthetic-prefix --decode-steps 20"
+  local P3="--pattern $G/patterns/Llama-3-8B-Instruct-Gradient-1048k --sparsity 0.5"
+  step "DW4: largest full-attention context (from the top down)"
+  local fit=0 n
+  for n in ${FULL_TRY:-530000 515000 500000 480000 460000 440000}; do
+    bench l3_full_$n 90 $L3 --contexts $n
+    if grep -q '"decode_ms_per_token_median"' "$R/l3_full_$n.json" 2>/dev/null; then fit=$n; break; fi
+    tail -c 300 "$R/l3_full_$n.err"; echo
+  done
+  echo "largest full-attention context tried that fits: $fit"
+  if [[ $fit -gt 0 ]]; then bench l3_duo50_$fit 90 $L3 $P3 --contexts $fit; fi
+  step "DW4: DuoAttention 50% at 900K"
+  bench l3_duo50_900000 120 $L3 $P3 --contexts 900000
+  nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
+}

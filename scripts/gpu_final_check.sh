@@ -29,18 +29,7 @@ if [[ ${PREFILL_BENCH:-0} == 1 ]]; then
   grep -E "prefill|streaming|half" "$R/attn_prefill.jsonl" | head -12
 fi
 
-step "copy bandwidth (torch, 4 GiB D2D, 2 x bytes / time, median of 15)"
-timeout 60 python3 - <<'PY'
-import torch
-n = 4 << 30
-x = torch.empty(n, dtype=torch.uint8, device="cuda"); y = torch.empty_like(x)
-for _ in range(3): y.copy_(x)
-torch.cuda.synchronize(); ts = []
-for _ in range(15):
-    a = torch.cuda.Event(enable_timing=True); b = torch.cuda.Event(enable_timing=True)
-    a.record(); y.copy_(x); b.record(); b.synchronize(); ts.append(a.elapsed_time(b) / 1e3)
-ts.sort(); print("copy_bandwidth_TBps %.3f" % (2 * n / ts[len(ts) // 2] / 1e12))
-PY
+copy_bandwidth
 
 L3="--random-weights --config $G/configs/llama-3-8b-1048k.json"
 L2="--random-weights --config $G/configs/llama-2-7b-32k.json"
