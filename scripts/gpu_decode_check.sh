@@ -2,7 +2,8 @@
 # One device call for the decode path (after `make build` and `scripts/gpu_check.sh stage` here;
 # carry .devrun/gpu): CUDA tests (the decode tests also with the SIMT split kernel); decode
 # attention vs torch SDPA, SIMT and tensor-core split kernels; end-to-end decode for issue 4's
-# decode targets (DW3, DW6) with each. Results: $OUT/decode.tar + log.txt.
+# decode targets (DW3, DW6) with each (DECODE_MMA), alternating with the build staged in
+# .devrun/me/duo_base.gz if there is one (ROUNDS rounds). Results: $OUT/decode.tar + log.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 G=.devrun/gpu
@@ -30,19 +31,31 @@ echo "torch again:"; grep decode "$R/attn_torch2.jsonl"
 L3="--random-weights --config $G/configs/llama-3-8b-1048k.json"
 L2="--random-weights --config $G/configs/llama-2-7b-32k.json"
 P2="--pattern $G/patterns/Llama-2-7B-32K-Instruct --sparsity 0.75"
-if [[ -f .devrun/me/duo_base.gz ]]; then  # the previous build, same call, for A/B
+L2S="$L2 --contexts 120000 --synthetic-prefix --decode-steps 100"
+P3="--pattern $G/patterns/Llama-3-8B-Instruct-Gradient-1048k --sparsity 0.5"
+# One round: Llama-3-8B 32K full (DW6) and 50%, Llama-2-7B 120K full and 25% (DW3); NAME prefix.
+decode_round() {
+  bench $1_l3_32k 120 $L3 --contexts 32000 --synthetic-prefix --decode-steps 200
+  bench $1_l3_32k_duo50 120 $L3 $P3 --contexts 32000 --synthetic-prefix --decode-steps 200
+  bench $1_l2_120k_full 120 $L2S
+  bench $1_l2_120k_duo75 120 $L2S $P2
+}
+BASE=
+if [[ -f .devrun/me/duo_base.gz ]]; then  # the previous build, same call, alternating for A/B
   gunzip -c .devrun/me/duo_base.gz > /tmp/duo_base && chmod +x /tmp/duo_base
-  step "base build $(cat .devrun/me/base_commit.txt 2>/dev/null): same three runs"
-  DUO_SAVE=$DUO; DUO=/tmp/duo_base
-  bench base_l3_32k 120 $L3 --contexts 32000 --synthetic-prefix --decode-steps 200
-  bench base_l2_120k_full 120 $L2 --contexts 120000 --synthetic-prefix --decode-steps 100
-  bench base_l2_120k_duo75 120 $L2 $P2 --contexts 120000 --synthetic-prefix --decode-steps 100
-  DUO=$DUO_SAVE
+  BASE=/tmp/duo_base
 fi
+# DECODE_MMA: which split kernel (0: SIMT, 1: tensor cores, auto: the default choice per group).
 for mma in ${DECODE_MMA:-0 1}; do
-  step "DUO_DECODE_MMA=$mma: Llama-3-8B 32K full (DW6); Llama-2-7B 120K full vs 25% (DW3)"
-  DUO_DECODE_MMA=$mma bench l3_32k_mma$mma 120 $L3 --contexts 32000 --synthetic-prefix --decode-steps 200
-  DUO_DECODE_MMA=$mma bench l2_120k_full_mma$mma 120 $L2 --contexts 120000 --synthetic-prefix --decode-steps 100
-  DUO_DECODE_MMA=$mma bench l2_120k_duo75_mma$mma 120 $L2 $P2 --contexts 120000 --synthetic-prefix --decode-steps 100
+  if [[ $mma == auto ]]; then unset DUO_DECODE_MMA; else export DUO_DECODE_MMA=$mma; fi
+  for round in $(seq "${ROUNDS:-1}"); do
+    if [[ -n $BASE ]]; then
+      step "base build $(cat .devrun/me/base_commit.txt 2>/dev/null), DUO_DECODE_MMA=$mma, round $round"
+      DUO_SAVE=$DUO; DUO=$BASE; decode_round base_mma${mma}_$round; DUO=$DUO_SAVE
+    fi
+    step "this build, DUO_DECODE_MMA=$mma, round $round"
+    decode_round mma${mma}_$round
+  done
 done
+unset DUO_DECODE_MMA
 step "done"
