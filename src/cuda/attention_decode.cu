@@ -1,12 +1,11 @@
 // Decode attention (n == 1): split-KV ("flash-decoding") over the retrieval and streaming stores in
 // one launch per layer, then a small merge kernel; plus attention()'s dispatch and validation.
 //
-// Split kernel: a 1-D grid laid out by duo/decode_grid.h (streaming rows first, a few splits each;
-// then retrieval rows, `splits` each), 128 threads. A block takes one KV head and G query heads of
-// its group (G = the largest of 8, 4, 2, 1 dividing the group; head_tiles = group / G), so every
-// K/V row loaded is used by G query heads. The KV head's visible keys are numbered e = 0 ..
-// count-1 (retrieval: positions 0..p0; streaming: sinks, then the window, the newest token read
-// from k_new / v_new) and cut into the row's split count of equal pieces rounded up to whole
+// Split kernel: grid (splits, num_kv_heads * head_tiles), 128 threads. A block takes one KV head
+// and G query heads of its group (G = the largest of 8, 4, 2, 1 dividing the group; head_tiles =
+// group / G), so every K/V row loaded is used by G query heads. The KV head's visible keys are
+// numbered e = 0 .. count-1 (retrieval: positions 0..p0; streaming: sinks, then the window, the
+// newest token read from k_new / v_new) and cut into `splits` equal pieces rounded up to whole
 // iterations; a split past the end exits at once (the merge kernel does not read it). Inside a
 // block, D/8 lanes own one key (16-byte loads), each lane-group takes 4 keys per iteration (8
 // independent 16-byte loads in flight per thread), fp32 online softmax per lane-group, then the
@@ -22,9 +21,7 @@
 // (capacity, SM count, workspace size, heads, kernel occupancy) only, never on p0, and no host
 // sync or allocation happens inside attention(). Split count: enough blocks for one full wave
 // over the retrieval heads (occupancy * SMs / (retrieval heads * head tiles)), capped by the
-// workspace and by preferred_splits; DUO_ATTN_SPLITS=N overrides (tuning). Streaming rows: about
-// 64 keys per split (they see at most S + R + 1 keys), so they no longer launch `splits` blocks
-// that mostly exit at once.
+// workspace and by preferred_splits; DUO_ATTN_SPLITS=N overrides (tuning).
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -40,7 +37,6 @@
 #include "cuda/cuda_check.h"
 #include "cuda/mma_bf16.cuh"
 #include "cuda/pdl.cuh"
-#include "duo/decode_grid.h"
 
 namespace duo::cuda {
 namespace detail {
@@ -101,7 +97,7 @@ __device__ __forceinline__ void bf16x8_to_float(const uint4& u, float* f) {
 
 template <int D, int G>
 __global__ void __launch_bounds__(kDecodeThreads)
-    decode_split_kernel(const KArgs a, float* ws, const DecodeGrid grid) {
+    decode_split_kernel(const KArgs a, float* ws, int splits) {
   pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
   pdl_launch_dependents();
   constexpr int LPK = D / 8;     // lanes per key
@@ -109,13 +105,13 @@ __global__ void __launch_bounds__(kDecodeThreads)
   constexpr int WARPS = kDecodeThreads / 32;
   constexpr int GROUPS = WARPS * KPW;  // lane-groups per block
   const int64_t p0 = load_p0(a);
-  const DecodeBlock blk = decode_block(grid, blockIdx.x);
-  const int g = blk.row / grid.head_tiles;
-  const int h0 = g * a.group + (blk.row % grid.head_tiles) * G;
+  const int head_tiles = a.group / G;
+  const int g = blockIdx.y / head_tiles;
+  const int h0 = g * a.group + (blockIdx.y % head_tiles) * G;
   const bool retrieval = g < a.num_retrieval;
   const KeyList kl = decode_keys(a, retrieval, p0);
-  const int64_t len = split_len(kl.count, blk.splits, simt_unit<D>());
-  const int64_t e_begin = static_cast<int64_t>(blk.split) * len;
+  const int64_t len = split_len(kl.count, splits, simt_unit<D>());
+  const int64_t e_begin = static_cast<int64_t>(blockIdx.x) * len;
   if (e_begin >= kl.count) return;  // unused split
   const int64_t e_end = e_begin + len < kl.count ? e_begin + len : kl.count;
 
@@ -272,7 +268,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
       acc += red[w][hh][d] * f;
       lsum += red[w][hh][D + 1] * f;
     }
-    float* dst = ws + (static_cast<int64_t>(blk.split) * a.num_heads + h0 + hh) * (D + 2);
+    float* dst = ws + (static_cast<int64_t>(blockIdx.x) * a.num_heads + h0 + hh) * (D + 2);
     dst[d] = acc;
     if (d == 0) {
       dst[D] = mx;
@@ -281,8 +277,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
   }
 }
 
-// Tensor-core split kernel (GQA groups >= 4, decode_use_mma): grid as the SIMT kernel's with
-// head_tiles = ceil(group / 16), 4 warps. A block takes KV head g and up to 16 of its query heads as the rows of one
+// Tensor-core split kernel (GQA groups >= 4, decode_use_mma): grid (splits, num_kv_heads *
+// head_tiles), 4 warps. A block takes KV head g and up to 16 of its query heads as the rows of one
 // m16 tile (rows past the group are zero), and one split of g's visible keys, walked in tiles of
 // kMmaBN keys through a kMmaStages-deep cp.async ring in shared memory. Warp w owns keys [16w, 16w
 // + 16) of every tile: S = Q K^T (16 x 16, mma m16n8k16), base-2 online softmax per row, O += P V
@@ -299,7 +295,7 @@ constexpr size_t kMmaSmemBytes = (static_cast<size_t>(16) + 2 * kMmaStages * kMm
 
 template <int D>
 __global__ void __launch_bounds__(kMmaThreads)
-    decode_mma_split_kernel(const KArgs a, float* ws, const DecodeGrid grid) {
+    decode_mma_split_kernel(const KArgs a, float* ws, int splits) {
   pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
   pdl_launch_dependents();
   constexpr int LDS = kMmaLds<D>, KD = D / 16, CPR = D / 8;
@@ -309,14 +305,14 @@ __global__ void __launch_bounds__(kMmaThreads)
   bf16* sV = sK + kMmaStages * kMmaBN * LDS;     // [stages][kMmaBN][LDS]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t p0 = load_p0(a);
-  const DecodeBlock blk = decode_block(grid, blockIdx.x);
-  const int g = blk.row / grid.head_tiles;
-  const int h0 = g * a.group + (blk.row % grid.head_tiles) * 16;
+  const int head_tiles = (a.group + 15) / 16;
+  const int g = blockIdx.y / head_tiles;
+  const int h0 = g * a.group + (blockIdx.y % head_tiles) * 16;
   const int rows = min(16, g * a.group + a.group - h0);  // query heads in this tile
   const bool retrieval = g < a.num_retrieval;
   const KeyList kl = decode_keys(a, retrieval, p0);
-  const int64_t len = split_len(kl.count, blk.splits, kMmaBN);
-  const int64_t e_begin = static_cast<int64_t>(blk.split) * len;
+  const int64_t len = split_len(kl.count, splits, kMmaBN);
+  const int64_t e_begin = static_cast<int64_t>(blockIdx.x) * len;
   if (e_begin >= kl.count) return;  // unused split
   const int64_t e_end = e_begin + len < kl.count ? e_begin + len : kl.count;
   const int ntiles = static_cast<int>((e_end - e_begin + kMmaBN - 1) / kMmaBN);
@@ -432,7 +428,7 @@ __global__ void __launch_bounds__(kMmaThreads)
       acc += row[d] * f;
       lsum += row[D + 1] * f;
     }
-    float* dst = ws + (static_cast<int64_t>(blk.split) * a.num_heads + h0 + r) * (D + 2);
+    float* dst = ws + (static_cast<int64_t>(blockIdx.x) * a.num_heads + h0 + r) * (D + 2);
     dst[d] = acc;
     if (d == 0) {
       dst[D] = mx;
@@ -442,9 +438,8 @@ __global__ void __launch_bounds__(kMmaThreads)
 }
 
 template <int D>
-__global__ void __launch_bounds__(D) decode_merge_kernel(const KArgs a, const float* ws,
-                                                         const DecodeGrid grid, int unit,
-                                                         bf16* append_k, bf16* append_v) {
+__global__ void __launch_bounds__(D) decode_merge_kernel(const KArgs a, const float* ws, int splits,
+                                                         int unit, bf16* append_k, bf16* append_v) {
   pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
   pdl_launch_dependents();
   constexpr int W = D / 32;
@@ -455,7 +450,7 @@ __global__ void __launch_bounds__(D) decode_merge_kernel(const KArgs a, const fl
   const int g = h / a.group;
   const bool retrieval = g < a.num_retrieval;
   const KeyList kl = decode_keys(a, retrieval, p0);
-  const int64_t len = split_len(kl.count, decode_head_splits(grid, g), unit);
+  const int64_t len = split_len(kl.count, splits, unit);
   const int used = kl.count <= 0 ? 0 : static_cast<int>((kl.count + len - 1) / len);
   const int d = threadIdx.x, warp = d / 32, lane = d % 32;
   const int64_t stride = static_cast<int64_t>(a.num_heads) * (D + 2);
@@ -589,41 +584,42 @@ int forced_splits() {
   return v;
 }
 
-// The decode grid (duo/decode_grid.h): retrieval rows get enough splits for one full wave of
-// blocks over them (streaming blocks finish at once), capped by the workspace / preferred count;
-// streaming rows get about 64 keys per split. Never depends on p0 (graph replay).
-DecodeGrid make_decode_grid(const KArgs& a, int head_tiles, int occupancy, int64_t max_splits,
-                            int unit) {
-  const int64_t rows = static_cast<int64_t>(std::max(a.num_retrieval, 1)) * head_tiles;
-  const int64_t wave = static_cast<int64_t>(occupancy) * device_num_sms();
-  int64_t splits = std::max<int64_t>(1, wave / rows);
-  if (forced_splits() > 0) splits = forced_splits();
-  splits = std::max<int64_t>(1, std::min(splits, max_splits));
-  const int s = static_cast<int>(splits);
-  return {a.num_kv_heads, a.num_retrieval, head_tiles, s,
-          decode_stream_splits(a.S, a.R, s, std::max(64, unit))};
-}
-
 template <int D, int G>
 void launch_decode_g(const KArgs& a, float* ws, int64_t max_splits, bf16* append_k, bf16* append_v,
                      cudaStream_t stream) {
-  const DecodeGrid grid =
-      make_decode_grid(a, a.group / G, decode_occupancy<D, G>(), max_splits, simt_unit<D>());
-  launch_pdl(decode_split_kernel<D, G>, static_cast<unsigned>(decode_grid_blocks(grid)),
-             kDecodeThreads, 0, stream, a, ws, grid);
-  launch_pdl(decode_merge_kernel<D>, static_cast<unsigned>(a.num_heads), D, 0, stream, a, ws, grid,
-             simt_unit<D>(), append_k, append_v);
+  const int head_tiles = a.group / G;
+  // Split count: one full wave of blocks over the heads that carry long contexts (retrieval
+  // heads; streaming blocks finish at once), capped by the workspace / preferred count. The grid
+  // never depends on p0 (graph replay).
+  const int64_t rows = static_cast<int64_t>(std::max(a.num_retrieval, 1)) * head_tiles;
+  const int64_t wave = static_cast<int64_t>(decode_occupancy<D, G>()) * device_num_sms();
+  int64_t splits = std::max<int64_t>(1, wave / rows);
+  if (forced_splits() > 0) splits = forced_splits();
+  splits = std::max<int64_t>(1, std::min(splits, max_splits));
+  const dim3 grid(static_cast<unsigned>(splits),
+                  static_cast<unsigned>(a.num_kv_heads * head_tiles));
+  launch_pdl(decode_split_kernel<D, G>, grid, kDecodeThreads, 0, stream, a, ws,
+             static_cast<int>(splits));
+  launch_pdl(decode_merge_kernel<D>, static_cast<unsigned>(a.num_heads), D, 0, stream, a, ws,
+             static_cast<int>(splits), simt_unit<D>(), append_k, append_v);
 }
 
 template <int D>
 void launch_decode_mma(const KArgs& a, float* ws, int64_t max_splits, bf16* append_k,
                        bf16* append_v, cudaStream_t stream) {
-  const DecodeGrid grid =
-      make_decode_grid(a, (a.group + 15) / 16, decode_mma_occupancy<D>(), max_splits, kMmaBN);
-  launch_pdl(decode_mma_split_kernel<D>, static_cast<unsigned>(decode_grid_blocks(grid)),
-             kMmaThreads, kMmaSmemBytes<D>, stream, a, ws, grid);
-  launch_pdl(decode_merge_kernel<D>, static_cast<unsigned>(a.num_heads), D, 0, stream, a, ws, grid,
-             kMmaBN, append_k, append_v);
+  const int head_tiles = (a.group + 15) / 16;
+  // Split count as launch_decode_g: one full wave over the retrieval heads' blocks.
+  const int64_t rows = static_cast<int64_t>(std::max(a.num_retrieval, 1)) * head_tiles;
+  const int64_t wave = static_cast<int64_t>(decode_mma_occupancy<D>()) * device_num_sms();
+  int64_t splits = std::max<int64_t>(1, wave / rows);
+  if (forced_splits() > 0) splits = forced_splits();
+  splits = std::max<int64_t>(1, std::min(splits, max_splits));
+  const dim3 grid(static_cast<unsigned>(splits),
+                  static_cast<unsigned>(a.num_kv_heads * head_tiles));
+  launch_pdl(decode_mma_split_kernel<D>, grid, kMmaThreads, kMmaSmemBytes<D>, stream, a, ws,
+             static_cast<int>(splits));
+  launch_pdl(decode_merge_kernel<D>, static_cast<unsigned>(a.num_heads), D, 0, stream, a, ws,
+             static_cast<int>(splits), kMmaBN, append_k, append_v);
 }
 
 template <int D>
