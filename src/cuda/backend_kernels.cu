@@ -80,26 +80,16 @@ __global__ void rmsnorm_kernel(const bf16* x, const bf16* w, float eps, int64_t 
 // add_kernel then rmsnorm_kernel in one pass: each thread rounds x + y to bf16 exactly as
 // add_kernel, stores it, and sums the squares of the rounded values over the same columns as
 // rmsnorm_kernel, so the result is bitwise that of the two kernels.
-// y is either bf16 [rows][cols] or, with parts != nullptr, the sum of fp32 partial products
-// parts[nparts][rows][cols] rounded to bf16 (what linear() would have written).
-__global__ void add_rmsnorm_kernel(bf16* x, const bf16* y, const float* parts, int nparts,
-                                   const bf16* w, float eps, int64_t rows, int64_t cols,
+__global__ void add_rmsnorm_kernel(bf16* x, const bf16* y, const bf16* w, float eps, int64_t cols,
                                    bf16* out) {
   pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
   pdl_launch_dependents();
   const int64_t r = blockIdx.x;
   bf16* xr = x + r * cols;
+  const bf16* yr = y + r * cols;
   float ss = 0.0f;
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-    float yc;
-    if (parts != nullptr) {
-      yc = 0.0f;
-      for (int i = 0; i < nparts; ++i) yc += parts[(i * rows + r) * cols + c];
-      yc = __bfloat162float(__float2bfloat16(yc));
-    } else {
-      yc = __bfloat162float(y[r * cols + c]);
-    }
-    const bf16 s = __float2bfloat16(__bfloat162float(xr[c]) + yc);
+    const bf16 s = __float2bfloat16(__bfloat162float(xr[c]) + __bfloat162float(yr[c]));
     xr[c] = s;
     const float v = __bfloat162float(s);
     ss += v * v;
@@ -336,16 +326,8 @@ void add_rmsnorm(bf16* x, const bf16* y, const bf16* w, float eps, int64_t rows,
                  bf16* out, cudaStream_t stream) {
   if (rows <= 0) return;
   check(rows <= 0x7fffffff, "add_rmsnorm: too many rows");
-  launch_pdl(add_rmsnorm_kernel, static_cast<unsigned>(rows), 256, 0, stream, x, y,
-             static_cast<const float*>(nullptr), 0, w, eps, rows, cols, out);
-}
-
-void add_parts_rmsnorm(bf16* x, const float* parts, int nparts, const bf16* w, float eps,
-                       int64_t rows, int64_t cols, bf16* out, cudaStream_t stream) {
-  if (rows <= 0) return;
-  check(rows <= 0x7fffffff && nparts >= 1, "add_parts_rmsnorm: bad shape");
-  launch_pdl(add_rmsnorm_kernel, static_cast<unsigned>(rows), 256, 0, stream, x,
-             static_cast<const bf16*>(nullptr), parts, nparts, w, eps, rows, cols, out);
+  launch_pdl(add_rmsnorm_kernel, static_cast<unsigned>(rows), 256, 0, stream, x, y, w, eps, cols,
+             out);
 }
 
 void rope(bf16* x, int64_t rows, int64_t cols, int heads, int head_dim, const int64_t* positions,

@@ -37,10 +37,6 @@ void rope_append_retrieval(bf16* qkv, int q_heads, int kv_heads, int head_dim,
 // x = bf16(x + y), then out = rmsnorm(x) * w: add() then rmsnorm() in one pass, bitwise equal.
 void add_rmsnorm(bf16* x, const bf16* y, const bf16* w, float eps, int64_t rows, int64_t cols,
                  bf16* out, cudaStream_t stream);
-// add_rmsnorm with y = bf16(sum over i < nparts of parts[i][rows][cols]): the K-split partial
-// products of a linear() summed in the same pass (one kernel instead of a reduction + this one).
-void add_parts_rmsnorm(bf16* x, const float* parts, int nparts, const bf16* w, float eps,
-                       int64_t rows, int64_t cols, bf16* out, cudaStream_t stream);
 void swiglu(const bf16* gate, const bf16* up, bf16* out, int64_t n, cudaStream_t stream);
 void add(bf16* x, const bf16* y, int64_t n, cudaStream_t stream);
 // out[r] = index of the largest element of row r of x[rows, cols] (lowest index among equals).

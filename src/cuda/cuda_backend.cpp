@@ -443,42 +443,6 @@ class CudaBackend final : public Backend {
     cuda::kernels::add_rmsnorm(bp(x), bp(y), bp(w), eps, x.rows, x.cols, bp(out), stream_);
   }
 
-  // One row (decode): x += in @ w^T as ksplit products over k slices in fp32, summed inside the
-  // add_rmsnorm kernel: one library kernel and no split-K reduction kernel of cuBLASLt's own.
-  // DUO_GEMM_KSPLIT=N sets the slice count (default 2; 1 turns the fusion off).
-  void linear_add_rmsnorm(const Tensor& in, const Tensor& w, const Tensor* bias, Tensor& proj,
-                          Tensor& x, const Tensor& norm_w, float eps, Tensor& out) override {
-    const int64_t k = in.cols, m = w.rows;
-    const int s = gemm_ksplit();
-    if (in.rows != 1 || bias != nullptr || s < 2 || k % (8 * s) != 0) {
-      Backend::linear_add_rmsnorm(in, w, bias, proj, x, norm_w, eps, out);
-      return;
-    }
-    check(w.cols == k && x.rows == 1 && x.cols == m && norm_w.numel() == m && out.rows == 1 &&
-              out.cols == m,
-          "linear_add_rmsnorm: in 1x", k, ", w ", w.rows, "x", w.cols, ", x ", x.rows, "x", x.cols,
-          " do not match");
-    float* parts = static_cast<float*>(
-        scratch(parts_buf_, static_cast<int64_t>(s) * m * sizeof(float), "K-split partials"));
-    GemmPlan& plan = gemm_plan(1, m, k, bp(in), bp(w), parts, nullptr, s);
-    if (!plan.have_algo) {
-      Backend::linear_add_rmsnorm(in, w, bias, proj, x, norm_w, eps, out);
-      return;
-    }
-    const float alpha = 1.0f, beta = 0.0f;
-    DUO_CUBLAS_CHECK(cublasLtMatmul(lt_, plan.desc, &alpha, bp(w), plan.a, bp(in), plan.b, &beta,
-                                    parts, plan.c, parts, plan.c, &plan.algo, workspace_,
-                                    static_cast<size_t>(workspace_bytes_), stream_));
-    cuda::kernels::add_parts_rmsnorm(bp(x), parts, s, bp(norm_w), eps, 1, m, bp(out), stream_);
-  }
-  static int gemm_ksplit() {
-    static const int v = [] {
-      const char* e = std::getenv("DUO_GEMM_KSPLIT");
-      return e == nullptr ? 2 : std::atoi(e);
-    }();
-    return v;
-  }
-
   void add(Tensor& x, const Tensor& y) override {
     check(x.numel() == y.numel(), "add: shapes do not match");
     const int64_t n = x.numel();
@@ -672,12 +636,10 @@ class CudaBackend final : public Backend {
     }
   }
 
-  // ksplit > 1 (no bias): a strided batch of ksplit products over consecutive k / ksplit slices,
-  // fp32 out[ksplit][n][m] (partial products, summed by the caller's next kernel).
   GemmPlan& gemm_plan(int64_t n, int64_t m, int64_t k, const void* x, const void* w,
-                      const void* out, const void* bias, int ksplit = 1) {
+                      const void* out, const void* bias) {
     const int ax = pointer_alignment(x), aw = pointer_alignment(w), ao = pointer_alignment(out);
-    const auto key = std::make_tuple(n, m, k, ax, aw, ao, bias != nullptr, ksplit);
+    const auto key = std::make_tuple(n, m, k, ax, aw, ao, bias != nullptr);
     auto it = plans_.find(key);
     if (it != plans_.end()) return it->second;
     GemmPlan plan;
@@ -698,26 +660,12 @@ class CudaBackend final : public Backend {
       DUO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                                                       &bias, sizeof(bias)));
     }
-    const int64_t ks = k / ksplit;  // rows of each slice; leading dimensions stay k
-    DUO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.a, CUDA_R_16BF, static_cast<uint64_t>(ks),
+    DUO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.a, CUDA_R_16BF, static_cast<uint64_t>(k),
                                                 static_cast<uint64_t>(m), k));
-    DUO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.b, CUDA_R_16BF, static_cast<uint64_t>(ks),
+    DUO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.b, CUDA_R_16BF, static_cast<uint64_t>(k),
                                                 static_cast<uint64_t>(n), k));
-    DUO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.c, ksplit > 1 ? CUDA_R_32F : CUDA_R_16BF,
-                                                static_cast<uint64_t>(m), static_cast<uint64_t>(n),
-                                                m));
-    if (ksplit > 1) {
-      const int32_t batch = ksplit;
-      const int64_t ab_stride = ks, c_stride = m * n;
-      for (cublasLtMatrixLayout_t l : {plan.a, plan.b, plan.c})
-        DUO_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
-                                                          &batch, sizeof(batch)));
-      for (cublasLtMatrixLayout_t l : {plan.a, plan.b})
-        DUO_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(
-            l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &ab_stride, sizeof(ab_stride)));
-      DUO_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(
-          plan.c, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &c_stride, sizeof(c_stride)));
-    }
+    DUO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.c, CUDA_R_16BF, static_cast<uint64_t>(m),
+                                                static_cast<uint64_t>(n), m));
     cublasLtMatmulPreference_t pref = nullptr;
     DUO_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     const uint64_t wsb = static_cast<uint64_t>(workspace_bytes_);
@@ -734,11 +682,7 @@ class CudaBackend final : public Backend {
     DUO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
         pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof(al_c)));
     // DUO_GEMM_REDUCTION=MASK (cublasLtReductionScheme_t bits; 0 = no split-K): a tuning knob.
-    // K-split plans default to no split-K of cuBLASLt's own (its reduction kernel is what they
-    // replace); DUO_GEMM_KSPLIT_REDUCTION=MASK overrides that.
-    const char* e = std::getenv(ksplit > 1 ? "DUO_GEMM_KSPLIT_REDUCTION" : "DUO_GEMM_REDUCTION");
-    if (ksplit > 1 && e == nullptr) e = "0";
-    if (e != nullptr) {
+    if (const char* e = std::getenv("DUO_GEMM_REDUCTION"); e != nullptr) {
       const uint32_t mask = static_cast<uint32_t>(std::atoi(e));
       DUO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
           pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &mask, sizeof(mask)));
@@ -752,13 +696,12 @@ class CudaBackend final : public Backend {
       plan.algo = result.algo;
       plan.have_algo = true;
       if (const char* e = std::getenv("DUO_GEMM_INFO"); e != nullptr && e[0] == '1')
-        print_algo(n, m, k, ksplit, plan.algo);
+        print_algo(n, m, k, plan.algo);
     }
     return plans_.emplace(key, plan).first->second;
   }
   // One line per new GEMM plan (DUO_GEMM_INFO=1): which cuBLASLt configuration runs it.
-  static void print_algo(int64_t n, int64_t m, int64_t k, int ksplit,
-                         const cublasLtMatmulAlgo_t& algo) {
+  static void print_algo(int64_t n, int64_t m, int64_t k, const cublasLtMatmulAlgo_t& algo) {
     auto get = [&](cublasLtMatmulAlgoConfigAttributes_t attr) {
       uint32_t v = 0;
       size_t written = 0;
@@ -766,10 +709,9 @@ class CudaBackend final : public Backend {
       return v;
     };
     std::fprintf(stderr,
-                 "gemm %lld x %lld x %lld (k in %d slices): algo %u tile %u stages %u split-k %u "
-                 "reduction %u swizzle %u cluster %u\n",
+                 "gemm %lld x %lld x %lld: algo %u tile %u stages %u split-k %u reduction %u "
+                 "swizzle %u cluster %u\n",
                  static_cast<long long>(n), static_cast<long long>(m), static_cast<long long>(k),
-                 ksplit,
                  get(CUBLASLT_ALGO_CONFIG_ID), get(CUBLASLT_ALGO_CONFIG_TILE_ID),
                  get(CUBLASLT_ALGO_CONFIG_STAGES_ID), get(CUBLASLT_ALGO_CONFIG_SPLITK_NUM),
                  get(CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME), get(CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING),
@@ -792,15 +734,14 @@ class CudaBackend final : public Backend {
   int64_t workspace_bytes_ = 0;
   bool naive_attention_ = false;
   std::vector<void*> owned_;
-  Scratch staging_, tokens_buf_, positions_buf_, inv_freq_buf_, attn_workspace_, argmax_buf_,
-      parts_buf_;
+  Scratch staging_, tokens_buf_, positions_buf_, inv_freq_buf_, attn_workspace_, argmax_buf_;
   PinnedBuffer tokens_pinned_, positions_pinned_, inv_freq_pinned_, download_pinned_,
       argmax_pinned_;
   DecodeCapture* capture_ = nullptr;  // set while a decode step is recorded
   int64_t buffer_epoch_ = 0;          // bumped whenever a scratch buffer moves
   std::vector<float> inv_freq_host_;
   std::vector<int64_t> positions_host_;
-  std::map<std::tuple<int64_t, int64_t, int64_t, int, int, int, bool, int>, GemmPlan> plans_;
+  std::map<std::tuple<int64_t, int64_t, int64_t, int, int, int, bool>, GemmPlan> plans_;
 };
 
 // A captured decode step: the instantiated graph plus its DecodeInputs (device) and their pinned

@@ -134,15 +134,6 @@ class Backend {
     add(x, y);
     rmsnorm(x, w, eps, out);
   }
-  // linear(in, w, bias, proj) then add_rmsnorm(x, proj, norm_w, eps, out): a projection added to
-  // the residual stream and normed. Backends may fuse it (CUDA, one row: the product split along
-  // k and the partial products summed inside the add_rmsnorm kernel; `proj` is then not written).
-  virtual void linear_add_rmsnorm(const Tensor& in, const Tensor& w, const Tensor* bias,
-                                  Tensor& proj, Tensor& x, const Tensor& norm_w, float eps,
-                                  Tensor& out) {
-    linear(in, w, bias, proj);
-    add_rmsnorm(x, proj, norm_w, eps, out);
-  }
   // Appends k, v (n new tokens at positions cache.length() ..) to `layer` of the cache and computes
   // out[n, heads * head_dim] = attention of q (heads query heads, GQA groups of heads / kv_heads)
   // over what each head may see. The cache length advances once per forward, via advance().

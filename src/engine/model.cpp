@@ -276,8 +276,8 @@ void Model::run(std::span<const int32_t> tokens, int64_t p0, int64_t logit_rows,
       b.rope(k, c.num_kv_heads, c.head_dim, positions, freqs);
       b.attention(cache, l, q, k, v, c.num_heads, attn);  // [n, heads * d]
     }
-    // x += o_proj(attn) [n, hidden]; xn = rmsnorm(x)
-    b.linear_add_rmsnorm(attn, w.wo, w.bo.data ? &w.bo : nullptr, proj, x, w.mlp_norm, eps, xn);
+    b.linear(attn, w.wo, w.bo.data ? &w.bo : nullptr, proj);  // [n, hidden]
+    b.add_rmsnorm(x, proj, w.mlp_norm, eps, xn);              // x += proj; xn = rmsnorm(x)
     // MLP block: x += down(silu(gate(xn)) * up(xn))
     if (n == 1) {
       Tensor gu = gate_up1_;
@@ -289,12 +289,10 @@ void Model::run(std::span<const int32_t> tokens, int64_t p0, int64_t logit_rows,
       b.linear(xn, w.w_up, nullptr, up);      // [n, intermediate]
     }
     b.swiglu(gate, up, act);
-    if (l + 1 < c.num_layers) {  // x += down(act) [n, hidden]; xn = rmsnorm(x) for the next layer
-      b.linear_add_rmsnorm(act, w.w_down, nullptr, proj, x, layers_[l + 1].attn_norm, eps, xn);
-      continue;
-    }
     b.linear(act, w.w_down, nullptr, proj);  // [n, hidden]
-    if (logit_rows > 0) {
+    if (l + 1 < c.num_layers) {
+      b.add_rmsnorm(x, proj, layers_[l + 1].attn_norm, eps, xn);
+    } else if (logit_rows > 0) {
       // Only the rows that get logits need the last residual: x += proj; xn = final_norm(x).
       Tensor last = b.view_rows(x_, n - logit_rows, n);
       Tensor last_proj = b.view_rows(proj_, n - logit_rows, n);
