@@ -12,7 +12,7 @@
 // block combines its lane-groups and writes (o unnormalised, m, l) per query head to the workspace.
 // For GQA groups of 4 or more a tensor-core split kernel (decode_mma_split_kernel, below) takes
 // the place of this SIMT one; both write the same per-split (o, m, l).
-// Merge kernel: one block per query head, one thread per dim; log-sum-exp over the used splits.
+// Merge kernel: one block per query head, 4 x head_dim threads; log-sum-exp over the used splits.
 // attention_append_streaming() folds the streaming-store append of the new token into the merge
 // kernel (the split kernel, the only reader of that store, has completed by then).
 // Both kernels start with programmatic dependent launch (cuda/pdl.cuh).
@@ -437,14 +437,22 @@ __global__ void __launch_bounds__(kMmaThreads)
   }
 }
 
+// Merge: one block per query head, kMergeGroups * D threads. The used splits' m and l are
+// reduced block-wide; then thread (grp, d) sums o[s][d] over the splits s = grp, grp +
+// kMergeGroups, ... (independent loads, four accumulators) and the groups add up through shared
+// memory, so the chain of dependent loads is 1 / kMergeGroups of the split count long.
+constexpr int kMergeGroups = 4;
+
 template <int D>
-__global__ void __launch_bounds__(D) decode_merge_kernel(const KArgs a, const float* ws, int splits,
-                                                         int unit, bf16* append_k, bf16* append_v) {
+__global__ void __launch_bounds__(kMergeGroups* D)
+    decode_merge_kernel(const KArgs a, const float* ws, int splits, int unit, bf16* append_k,
+                        bf16* append_v) {
   pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
   pdl_launch_dependents();
-  constexpr int W = D / 32;
+  constexpr int T = kMergeGroups * D, W = T / 32;
   __shared__ float wgt[kMaxSplits];
   __shared__ float red[2][W];
+  __shared__ float part[kMergeGroups][D];
   const int64_t p0 = load_p0(a);
   const int h = blockIdx.x;
   const int g = h / a.group;
@@ -452,12 +460,13 @@ __global__ void __launch_bounds__(D) decode_merge_kernel(const KArgs a, const fl
   const KeyList kl = decode_keys(a, retrieval, p0);
   const int64_t len = split_len(kl.count, splits, unit);
   const int used = kl.count <= 0 ? 0 : static_cast<int>((kl.count + len - 1) / len);
-  const int d = threadIdx.x, warp = d / 32, lane = d % 32;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int grp = tid / D, d = tid % D;
   const int64_t stride = static_cast<int64_t>(a.num_heads) * (D + 2);
   const float* base_ptr = ws + static_cast<int64_t>(h) * (D + 2);
   // Pass 1: max of m over the used splits (split-parallel).
   float mx = -INFINITY;
-  for (int s = d; s < used; s += D) mx = fmaxf(mx, base_ptr[s * stride + D]);
+  for (int s = tid; s < used; s += T) mx = fmaxf(mx, base_ptr[s * stride + D]);
 #pragma unroll
   for (int off = 16; off >= 1; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
   if (lane == 0) red[0][warp] = mx;
@@ -468,7 +477,7 @@ __global__ void __launch_bounds__(D) decode_merge_kernel(const KArgs a, const fl
   const float base = mx == -INFINITY ? 0.f : mx;
   // Pass 2: weights and their l-sum.
   float ls = 0.f;
-  for (int s = d; s < used; s += D) {
+  for (int s = tid; s < used; s += T) {
     const float f = exp2f(base_ptr[s * stride + D] - base);
     wgt[s] = f;
     ls += f * base_ptr[s * stride + D + 1];
@@ -480,17 +489,23 @@ __global__ void __launch_bounds__(D) decode_merge_kernel(const KArgs a, const fl
   float lsum = 0.f;
 #pragma unroll
   for (int w = 0; w < W; ++w) lsum += red[1][w];
-  // Pass 3: weighted sum of o, independent loads.
+  // Pass 3: weighted sum of o; this thread's share of the splits, independent loads.
+  constexpr int G = kMergeGroups;
   float acc0 = 0.f, acc1 = 0.f, acc2 = 0.f, acc3 = 0.f;
-  int s = 0;
-  for (; s + 4 <= used; s += 4) {
+  int s = grp;
+  for (; s + 3 * G < used; s += 4 * G) {
     acc0 += wgt[s] * base_ptr[s * stride + d];
-    acc1 += wgt[s + 1] * base_ptr[(s + 1) * stride + d];
-    acc2 += wgt[s + 2] * base_ptr[(s + 2) * stride + d];
-    acc3 += wgt[s + 3] * base_ptr[(s + 3) * stride + d];
+    acc1 += wgt[s + G] * base_ptr[(s + G) * stride + d];
+    acc2 += wgt[s + 2 * G] * base_ptr[(s + 2 * G) * stride + d];
+    acc3 += wgt[s + 3 * G] * base_ptr[(s + 3 * G) * stride + d];
   }
-  for (; s < used; ++s) acc0 += wgt[s] * base_ptr[s * stride + d];
-  const float acc = (acc0 + acc1) + (acc2 + acc3);
+  for (; s < used; s += G) acc0 += wgt[s] * base_ptr[s * stride + d];
+  part[grp][d] = (acc0 + acc1) + (acc2 + acc3);
+  __syncthreads();
+  if (grp != 0) return;
+  float acc = part[0][d];
+#pragma unroll
+  for (int i = 1; i < G; ++i) acc += part[i][d];
   a.out[static_cast<int64_t>(h) * D + d] = __float2bfloat16(lsum > 0.f ? acc / lsum : 0.f);
   // append_streaming for the one new token (position p0): the first query head of each streaming
   // KV head copies its K/V row into the slot, if the token stays held (as append_kernel).
@@ -600,8 +615,8 @@ void launch_decode_g(const KArgs& a, float* ws, int64_t max_splits, bf16* append
                   static_cast<unsigned>(a.num_kv_heads * head_tiles));
   launch_pdl(decode_split_kernel<D, G>, grid, kDecodeThreads, 0, stream, a, ws,
              static_cast<int>(splits));
-  launch_pdl(decode_merge_kernel<D>, static_cast<unsigned>(a.num_heads), D, 0, stream, a, ws,
-             static_cast<int>(splits), simt_unit<D>(), append_k, append_v);
+  launch_pdl(decode_merge_kernel<D>, static_cast<unsigned>(a.num_heads), kMergeGroups * D, 0,
+             stream, a, ws, static_cast<int>(splits), simt_unit<D>(), append_k, append_v);
 }
 
 template <int D>
@@ -618,8 +633,8 @@ void launch_decode_mma(const KArgs& a, float* ws, int64_t max_splits, bf16* appe
                   static_cast<unsigned>(a.num_kv_heads * head_tiles));
   launch_pdl(decode_mma_split_kernel<D>, grid, kMmaThreads, kMmaSmemBytes<D>, stream, a, ws,
              static_cast<int>(splits));
-  launch_pdl(decode_merge_kernel<D>, static_cast<unsigned>(a.num_heads), D, 0, stream, a, ws,
-             static_cast<int>(splits), kMmaBN, append_k, append_v);
+  launch_pdl(decode_merge_kernel<D>, static_cast<unsigned>(a.num_heads), kMergeGroups * D, 0,
+             stream, a, ws, static_cast<int>(splits), kMmaBN, append_k, append_v);
 }
 
 template <int D>

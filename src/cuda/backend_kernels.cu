@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 
 #include "core/error.h"
 #include "cuda/backend_kernels.h"
@@ -60,11 +61,59 @@ __device__ float block_sum(float v) {
   return s;
 }
 
-__global__ void rmsnorm_kernel(const bf16* x, const bf16* w, float eps, int64_t cols, bf16* out) {
+// Row norms (rmsnorm_kernel, add_rmsnorm_kernel): one block per row. Rows of at most
+// kNormVecCols columns, a multiple of 8, 16-byte aligned, take the vector path: thread t holds
+// columns [8t, 8t + 8) in registers (one 16-byte load per operand, no second read of the row),
+// so the one-row decode norms cost one memory round trip instead of one per 256 columns. Other
+// rows loop over columns with 256 threads. Both kernels pick the path and block size the same
+// way (norm_vector_path / norm_threads), so on aligned rows add_rmsnorm stays bitwise add() then
+// rmsnorm().
+constexpr int64_t kNormVecCols = 8192;
+
+__device__ __forceinline__ void bf16x8_load(const bf16* p, float* f) {
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  const __nv_bfloat162* b = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 t = __bfloat1622float2(b[i]);
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+}
+__device__ __forceinline__ void bf16x8_store(bf16* p, const float* f) {
+  uint4 u;
+  __nv_bfloat162* b = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) b[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+  *reinterpret_cast<uint4*>(p) = u;
+}
+
+__global__ void rmsnorm_kernel(const bf16* x, const bf16* w, float eps, int64_t cols, bool vec,
+                               bf16* out) {
   pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
   pdl_launch_dependents();
   const int64_t r = blockIdx.x;
   const bf16* xr = x + r * cols;
+  bf16* o = out + r * cols;
+  if (vec) {
+    const int64_t c = 8 * static_cast<int64_t>(threadIdx.x);
+    float v[8] = {}, wv[8];
+    float ss = 0.0f;
+    if (c < cols) {
+      bf16x8_load(xr + c, v);
+      bf16x8_load(w + c, wv);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) ss += v[i] * v[i];
+    }
+    ss = block_sum(ss);
+    const float inv = 1.0f / sqrtf(ss / static_cast<float>(cols) + eps);
+    if (c < cols) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = wv[i] * (v[i] * inv);
+      bf16x8_store(o + c, v);
+    }
+    return;
+  }
   float ss = 0.0f;
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
     const float v = __bfloat162float(xr[c]);
@@ -72,7 +121,6 @@ __global__ void rmsnorm_kernel(const bf16* x, const bf16* w, float eps, int64_t 
   }
   ss = block_sum(ss);
   const float inv = 1.0f / sqrtf(ss / static_cast<float>(cols) + eps);
-  bf16* o = out + r * cols;
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
     o[c] = __float2bfloat16(__bfloat162float(w[c]) * (__bfloat162float(xr[c]) * inv));
 }
@@ -81,12 +129,36 @@ __global__ void rmsnorm_kernel(const bf16* x, const bf16* w, float eps, int64_t 
 // add_kernel, stores it, and sums the squares of the rounded values over the same columns as
 // rmsnorm_kernel, so the result is bitwise that of the two kernels.
 __global__ void add_rmsnorm_kernel(bf16* x, const bf16* y, const bf16* w, float eps, int64_t cols,
-                                   bf16* out) {
+                                   bool vec, bf16* out) {
   pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
   pdl_launch_dependents();
   const int64_t r = blockIdx.x;
   bf16* xr = x + r * cols;
   const bf16* yr = y + r * cols;
+  bf16* o = out + r * cols;
+  if (vec) {
+    const int64_t c = 8 * static_cast<int64_t>(threadIdx.x);
+    float v[8] = {}, yv[8], wv[8];
+    float ss = 0.0f;
+    if (c < cols) {
+      bf16x8_load(xr + c, v);
+      bf16x8_load(yr + c, yv);
+      bf16x8_load(w + c, wv);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = __bfloat162float(__float2bfloat16(v[i] + yv[i]));
+      bf16x8_store(xr + c, v);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) ss += v[i] * v[i];
+    }
+    ss = block_sum(ss);
+    const float inv = 1.0f / sqrtf(ss / static_cast<float>(cols) + eps);
+    if (c < cols) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = wv[i] * (v[i] * inv);
+      bf16x8_store(o + c, v);
+    }
+    return;
+  }
   float ss = 0.0f;
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
     const bf16 s = __float2bfloat16(__bfloat162float(xr[c]) + __bfloat162float(yr[c]));
@@ -96,7 +168,6 @@ __global__ void add_rmsnorm_kernel(bf16* x, const bf16* y, const bf16* w, float 
   }
   ss = block_sum(ss);
   const float inv = 1.0f / sqrtf(ss / static_cast<float>(cols) + eps);
-  bf16* o = out + r * cols;
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)  // the same thread wrote xr[c]
     o[c] = __float2bfloat16(__bfloat162float(w[c]) * (__bfloat162float(xr[c]) * inv));
 }
@@ -162,7 +233,10 @@ __global__ void rope_kernel(bf16* x, int64_t cols, int heads, int head_dim,
 
 // rope_kernel on the query and key heads of one decode row qkv [(q_heads + 2 kv_heads) head_dim]
 // (same arithmetic), then append_retrieval of that token: the rotated keys and the values of KV
-// heads [0, retrieval) go to row *position of rk / rv [retrieval][capacity][head_dim].
+// heads [0, retrieval) go to row *position of rk / rv [retrieval][capacity][head_dim]. One
+// rotated pair and one copied value per thread over as many blocks as that takes (each block
+// builds its own cos / sin table), so the step costs one memory round trip, not one per pass of
+// a single block over the row.
 __global__ void rope_append_kernel(bf16* qkv, int q_heads, int kv_heads, int head_dim,
                                    const int64_t* position, const float* inv_freq,
                                    float attention_scaling, int retrieval, int64_t capacity,
@@ -173,8 +247,8 @@ __global__ void rope_append_kernel(bf16* qkv, int q_heads, int kv_heads, int hea
   const int half = head_dim / 2;
   const int64_t pos = *position;
   rope_table(cs, half, static_cast<float>(pos), inv_freq, attention_scaling);
-  const int total = (q_heads + kv_heads) * half;
-  for (int e = threadIdx.x; e < total; e += blockDim.x) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e < (q_heads + kv_heads) * half) {
     const int h = e / half, i = e % half;
     const __nv_bfloat162 r = rope_pair(qkv + static_cast<int64_t>(h) * head_dim, i, half, cs);
     const int g = h - q_heads;
@@ -184,8 +258,8 @@ __global__ void rope_append_kernel(bf16* qkv, int q_heads, int kv_heads, int hea
       dst[i + half] = r.y;
     }
   }
-  const bf16* v = qkv + static_cast<int64_t>(q_heads + kv_heads) * head_dim;
-  for (int e = threadIdx.x; e < retrieval * head_dim; e += blockDim.x) {
+  if (e < retrieval * head_dim) {
+    const bf16* v = qkv + static_cast<int64_t>(q_heads + kv_heads) * head_dim;
     const int g = e / head_dim, c = e % head_dim;
     rv[(static_cast<int64_t>(g) * capacity + pos) * head_dim + c] = v[e];
   }
@@ -315,19 +389,33 @@ void embed(const bf16* table, int64_t cols, const int32_t* tokens, int64_t rows,
   launch_pdl(embed_kernel, static_cast<unsigned>(rows), 256, 0, stream, table, cols, tokens, out);
 }
 
+// The row norms' vector path (see kNormVecCols) and block size.
+bool norm_vector_path(int64_t cols, std::initializer_list<const void*> ptrs) {
+  if (cols % 8 != 0 || cols > kNormVecCols) return false;
+  for (const void* p : ptrs)
+    if ((reinterpret_cast<uintptr_t>(p) & 15u) != 0) return false;
+  return true;
+}
+unsigned norm_threads(int64_t cols, bool vec) {
+  return vec ? static_cast<unsigned>((cols / 8 + 31) / 32 * 32) : 256u;
+}
+
 void rmsnorm(const bf16* x, const bf16* w, float eps, int64_t rows, int64_t cols, bf16* out,
              cudaStream_t stream) {
   if (rows <= 0) return;
   check(rows <= 0x7fffffff, "rmsnorm: too many rows");
-  launch_pdl(rmsnorm_kernel, static_cast<unsigned>(rows), 256, 0, stream, x, w, eps, cols, out);
+  const bool vec = norm_vector_path(cols, {x, w, out});
+  launch_pdl(rmsnorm_kernel, static_cast<unsigned>(rows), norm_threads(cols, vec), 0, stream, x, w,
+             eps, cols, vec, out);
 }
 
 void add_rmsnorm(bf16* x, const bf16* y, const bf16* w, float eps, int64_t rows, int64_t cols,
                  bf16* out, cudaStream_t stream) {
   if (rows <= 0) return;
   check(rows <= 0x7fffffff, "add_rmsnorm: too many rows");
-  launch_pdl(add_rmsnorm_kernel, static_cast<unsigned>(rows), 256, 0, stream, x, y, w, eps, cols,
-             out);
+  const bool vec = norm_vector_path(cols, {x, y, w, out});
+  launch_pdl(add_rmsnorm_kernel, static_cast<unsigned>(rows), norm_threads(cols, vec), 0, stream, x,
+             y, w, eps, cols, vec, out);
 }
 
 void rope(bf16* x, int64_t rows, int64_t cols, int heads, int head_dim, const int64_t* positions,
@@ -348,8 +436,10 @@ void rope_append_retrieval(bf16* qkv, int q_heads, int kv_heads, int head_dim,
   check(retrieval == 0 || (retrieval_k != nullptr && retrieval_v != nullptr),
         "rope_append_retrieval: retrieval store missing");
   const size_t smem = static_cast<size_t>(head_dim) * sizeof(float);
-  launch_pdl(rope_append_kernel, 1, 256, smem, stream, qkv, q_heads, kv_heads, head_dim, position,
-             inv_freq, attention_scaling, retrieval, capacity, retrieval_k, retrieval_v);
+  const int work = std::max((q_heads + kv_heads) * (head_dim / 2), retrieval * head_dim);
+  const unsigned blocks = static_cast<unsigned>(std::max(1, (work + 127) / 128));
+  launch_pdl(rope_append_kernel, blocks, 128, smem, stream, qkv, q_heads, kv_heads, head_dim,
+             position, inv_freq, attention_scaling, retrieval, capacity, retrieval_k, retrieval_v);
 }
 
 void swiglu(const bf16* gate, const bf16* up, bf16* out, int64_t n, cudaStream_t stream) {

@@ -714,7 +714,8 @@ class CudaBackend final : public Backend {
                  static_cast<long long>(n), static_cast<long long>(m), static_cast<long long>(k),
                  get(CUBLASLT_ALGO_CONFIG_ID), get(CUBLASLT_ALGO_CONFIG_TILE_ID),
                  get(CUBLASLT_ALGO_CONFIG_STAGES_ID), get(CUBLASLT_ALGO_CONFIG_SPLITK_NUM),
-                 get(CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME), get(CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING),
+                 get(CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME),
+                 get(CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING),
                  get(CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID));
   }
   static void destroy_plan(GemmPlan& p) {

@@ -195,7 +195,7 @@ TEST_F(CudaOps, RandomNormalAndConstantMatchCpuBitwiseAfterRounding) {
 
 TEST_F(CudaOps, RmsNorm) {
   for (int64_t n : kRows)
-    for (int64_t H : {5, 64, 1000}) {
+    for (int64_t H : {5, 64, 1000, 4096, 8200}) {  // vector path: 64, 1000, 4096
       auto x = random_vec(n * H, 2 + static_cast<uint32_t>(n), 3.0f);
       auto w = random_vec(H, 3);
       Tensor xg = gpu->upload(x.data(), n, H), wg = gpu->upload(w.data(), 1, H);
@@ -207,6 +207,33 @@ TEST_F(CudaOps, RmsNorm) {
       EXPECT_OP_CLOSE(gpu->download(og.out, 0, n), cpu->download(oc, 0, n),
                       "rmsnorm " + std::to_string(n) + "x" + std::to_string(H));
       expect_guards_intact(*gpu, og, "rmsnorm");
+    }
+}
+
+// add_rmsnorm against the CPU (x += y; out = rmsnorm(x)) and bitwise against the CUDA add() then
+// rmsnorm(), on the vector path (H a multiple of 8, <= 8192) and the looped one.
+TEST_F(CudaOps, AddRmsNorm) {
+  for (int64_t n : kRows)
+    for (int64_t H : {5, 64, 1000, 4096, 8200}) {
+      const std::string what = "add_rmsnorm " + std::to_string(n) + "x" + std::to_string(H);
+      auto x = random_vec(n * H, 40 + static_cast<uint32_t>(n), 3.0f);
+      auto y = random_vec(n * H, 41 + static_cast<uint32_t>(H), 2.0f);
+      auto w = random_vec(H, 42);
+      Tensor xg = gpu->upload(x.data(), n, H), yg = gpu->upload(y.data(), n, H),
+             wg = gpu->upload(w.data(), 1, H), xg2 = gpu->upload(x.data(), n, H);
+      Tensor xc = cpu->upload(x.data(), n, H), yc = cpu->upload(y.data(), n, H),
+             wc = cpu->upload(w.data(), 1, H);
+      Guarded og = guarded(*gpu, n, H);
+      Tensor oc = cpu->alloc(n, H), og2 = gpu->alloc(n, H);
+      gpu->add_rmsnorm(xg, yg, wg, 1e-5f, og.out);
+      cpu->add_rmsnorm(xc, yc, wc, 1e-5f, oc);
+      EXPECT_OP_CLOSE(gpu->download(og.out, 0, n), cpu->download(oc, 0, n), what);
+      EXPECT_OP_CLOSE(gpu->download(xg, 0, n), cpu->download(xc, 0, n), what + " (sum)");
+      expect_guards_intact(*gpu, og, "add_rmsnorm");
+      gpu->add(xg2, yg);
+      gpu->rmsnorm(xg2, wg, 1e-5f, og2);
+      EXPECT_EQ(gpu->download(xg, 0, n), gpu->download(xg2, 0, n)) << what;
+      EXPECT_EQ(gpu->download(og.out, 0, n), gpu->download(og2, 0, n)) << what;
     }
 }
 
