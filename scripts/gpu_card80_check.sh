@@ -31,20 +31,5 @@ timeout 240 "$DUO" identify --backend cuda --random-weights --config $G/configs/
 grep -E "^ +(1024|8192|32000) |^fit|^projection" "$R/identify_profile.log"
 fi
 
-step "compute-sanitizer memcheck over the whole CUDA suite (4 shards)"
-CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-if [[ -n $CS ]]; then
-  pids=()
-  for i in 0 1 2 3; do
-    GTEST_TOTAL_SHARDS=4 GTEST_SHARD_INDEX=$i timeout "${MEMCHECK_S:-300}" "$CS" --tool memcheck --report-api-errors no \
-      --leak-check no --error-exitcode 9 "$G/duo_cuda_tests" > "$R/memcheck_$i.log" 2>&1 &
-    pids+=($!)
-  done
-  for i in 0 1 2 3; do wait "${pids[$i]}"; echo "shard $i rc=$?"; done
-  for i in 0 1 2 3; do
-    echo "shard $i: $(grep -cE '^\[       OK \]' "$R/memcheck_$i.log") ok, $(grep -cE '^\[  FAILED  \] [A-Za-z]' "$R/memcheck_$i.log") failed lines; $(grep -E 'ERROR SUMMARY' "$R/memcheck_$i.log" | tail -1)"
-  done
-else
-  echo "compute-sanitizer not found"
-fi
+memcheck_suite
 step "done"

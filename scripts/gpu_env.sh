@@ -98,3 +98,26 @@ dw4_80gb() {
   bench l3_duo50_900000 120 $L3 $P3 --contexts 900000
   nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
 }
+
+# memcheck_suite: the whole CUDA suite under compute-sanitizer memcheck, 4 gtest shards in parallel,
+# each within MEMCHECK_S seconds (API errors not reported: one test provokes an out-of-memory on
+# purpose); logs in $R/memcheck_{0..3}.log.
+memcheck_suite() {
+  local CS pids i
+  step "compute-sanitizer memcheck over the whole CUDA suite (4 shards)"
+  CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  if [[ -n $CS ]]; then
+    pids=()
+    for i in 0 1 2 3; do
+      GTEST_TOTAL_SHARDS=4 GTEST_SHARD_INDEX=$i timeout "${MEMCHECK_S:-300}" "$CS" --tool memcheck --report-api-errors no \
+        --leak-check no --error-exitcode 9 "$G/duo_cuda_tests" > "$R/memcheck_$i.log" 2>&1 &
+      pids+=($!)
+    done
+    for i in 0 1 2 3; do wait "${pids[$i]}"; echo "shard $i rc=$?"; done
+    for i in 0 1 2 3; do
+      echo "shard $i: $(grep -cE '^\[       OK \]' "$R/memcheck_$i.log") ok, $(grep -cE '^\[  FAILED  \] [A-Za-z]' "$R/memcheck_$i.log") failed lines; $(grep -E 'ERROR SUMMARY' "$R/memcheck_$i.log" | tail -1)"
+    done
+  else
+    echo "compute-sanitizer not found"
+  fi
+}

@@ -7,7 +7,8 @@
 #   DW4: Llama-3-8B largest full context vs 50% there; 50% at 900K
 #   DW5: prefill with chunk 32K: Llama-2 100K full vs 25%; Llama-3 320K full vs 50%
 #   DW6: Llama-3-8B 32K full vs transformers (sdpa, bf16); copy bandwidth for the decode floor
-# SKIP=dw4,dw5 skips steps. Results: $OUT/issue4.tar + log.txt.
+# SKIP=dw4,dw5 skips steps; MEMCHECK=1 ends with the whole CUDA suite under compute-sanitizer.
+# Results: $OUT/issue4.tar + log.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 G=.devrun/gpu
@@ -55,5 +56,5 @@ step "DW5: prefill, chunk 32K: Llama-3-8B 320K full vs 50%"
 bench l3_320k_full 200 $L3 --contexts 320000 --chunk 32768 --decode-steps 5
 bench l3_320k_duo50 150 $L3 --contexts 320000 --chunk 32768 --decode-steps 5 $P3
 }
-ls /usr/local/cuda*/bin 2>/dev/null | grep -E "nsys|ncu" | head -3
+[[ ${MEMCHECK:-0} == 1 ]] && memcheck_suite
 step "done"
