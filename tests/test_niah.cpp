@@ -3,10 +3,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <random>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "core/file_util.h"
+#include "engine/backend.h"
+#include "engine/model.h"
 #include "eval/niah.h"
 #include "test_util.h"
 
@@ -109,6 +112,58 @@ TEST(Niah, Scoring) {
   EXPECT_DOUBLE_EQ(s.words, 0.0);
 }
 
+TEST(Niah, TokenNllIsMinusLogSoftmax) {
+  const float logits[3] = {1.0f, 2.0f, 3.0f};
+  const double z = std::exp(1.0) + std::exp(2.0) + std::exp(3.0);
+  EXPECT_NEAR(token_nll(logits, 3, 2), std::log(z) - 3.0, 1e-12);
+  EXPECT_NEAR(token_nll(logits, 3, 0), std::log(z) - 1.0, 1e-12);
+  EXPECT_THROW(token_nll(logits, 3, 3), Error);
+}
+
+// continuation_nll (chunked prefill, then the continuation) against one forward over prompt +
+// continuation whose logits are log-softmaxed here; with a streaming pattern too (token-exact
+// mode is chunk-size independent, so the two must agree).
+TEST(Niah, ContinuationNllMatchesOneForwardOverEverything) {
+  const auto dir = fixture("models/llama_mha_linear");
+  const ModelConfig c = ModelConfig::load(dir);
+  auto be = make_cpu_backend(CpuMode::kReference);
+  std::mt19937 rng(5);
+  std::vector<int32_t> prompt(70), cont(4);
+  for (auto& t : prompt) t = static_cast<int32_t>(rng() % c.vocab_size);
+  for (auto& t : cont) t = static_cast<int32_t>(rng() % c.vocab_size);
+  HeadPartition half;  // KV head 0 of every layer retrieval, the rest streaming
+  half.num_layers = c.num_layers;
+  half.num_kv_heads = c.num_kv_heads;
+  half.retrieval.assign(static_cast<size_t>(c.num_layers * c.num_kv_heads), 0);
+  for (int64_t l = 0; l < c.num_layers; ++l) half.retrieval[l * c.num_kv_heads] = 1;
+  for (const HeadLayout& layout :
+       {HeadLayout::all_retrieval(c), HeadLayout::from_partition(c, half)}) {
+    Model m(dir, *be, layout);
+    std::vector<int32_t> all = prompt;
+    all.insert(all.end(), cont.begin(), cont.end());
+    auto whole_cache = m.make_cache(80, 4, 16, StreamingPrefill::kExact);
+    const int64_t k = static_cast<int64_t>(cont.size()), V = c.vocab_size;
+    const std::vector<float> logits = m.forward(all, *whole_cache, k + 1);
+    double want = 0;
+    for (int64_t i = 0; i < k; ++i) {  // row i predicts cont[i]
+      const float* row = &logits[i * V];
+      double mx = row[0], z = 0;
+      for (int64_t j = 1; j < V; ++j) mx = std::max(mx, static_cast<double>(row[j]));
+      for (int64_t j = 0; j < V; ++j) z += std::exp(row[j] - mx);
+      want += mx + std::log(z) - row[cont[i]];
+    }
+    want /= static_cast<double>(k);
+    for (int64_t chunk : {7, 70, 1000}) {
+      auto cache = m.make_cache(80, 4, 16, StreamingPrefill::kExact);
+      EXPECT_NEAR(continuation_nll(m, *cache, prompt, cont, chunk), want, 1e-4 * want + 1e-6)
+          << "chunk " << chunk;
+    }
+  }
+  Model m(dir, *be, HeadLayout::all_retrieval(c));
+  auto cache = m.make_cache(80, 4, 16, StreamingPrefill::kExact);
+  EXPECT_THROW(continuation_nll(m, *cache, prompt, {}, 8), Error);
+}
+
 TEST(Niah, CliRunsAndWritesJson) {
   testing::TempDir t("niah");
   auto r =
@@ -130,6 +185,16 @@ TEST(Niah, CliRunsAndWritesJson) {
   bad = testing::run_duo("niah -m " + fixture("models/llama_mha_linear").string() +
                          " --task kv --kv-pairs 0");
   EXPECT_NE(bad.err.find("--kv-pairs must be in [1, 256]"), std::string::npos) << bad.err;
+  auto nll = testing::run_duo("niah -m " + fixture("models/llama_mha_linear").string() +
+                              " --task passkey --lengths 120 --depths 50 --max-answer 4 "
+                              "--answer-nll --json " +
+                              (t / "nll.json").string());
+  ASSERT_EQ(nll.exit_code, 0) << nll.err;
+  EXPECT_NE(nll.out.find("mean answer NLL"), std::string::npos) << nll.out;
+  auto jn = read_json_file(t / "nll.json");
+  EXPECT_GT(jn["results"][0]["answer_nll"].get<double>(), 0.0);
+  EXPECT_EQ(jn["mean_answer_nll"], jn["results"][0]["answer_nll"]);
+  EXPECT_TRUE(j["mean_answer_nll"].is_null());  // not asked for
   auto kv = testing::run_duo("niah -m " + fixture("models/llama_mha_linear").string() +
                              " --task kv --kv-pairs 3 --lengths 300 --depths 50 --max-answer 4 "
                              "--json " +

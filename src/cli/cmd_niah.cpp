@@ -32,6 +32,7 @@ struct NiahArgs {
   uint64_t seed = 42;
   std::string json_file;
   std::string backend = "auto";
+  bool answer_nll = false;
   DuoOptions duo;
 };
 
@@ -56,7 +57,7 @@ void run(const NiahArgs& a) {
   Model model(a.model_dir, *backend, HeadLayout::from_partition(cfg, duo.partition));
   const bool tty = stderr_is_terminal();
   nlohmann::json rows = nlohmann::json::array();
-  double sum_words = 0, sum_exact = 0;
+  double sum_words = 0, sum_exact = 0, sum_nll = 0;
   int64_t count = 0;
   const auto t0 = std::chrono::steady_clock::now();
   const int64_t total = static_cast<int64_t>(a.lengths.size() * a.depths.size());
@@ -84,6 +85,14 @@ void run(const NiahArgs& a) {
       GenerateResult r = generate(model, *cache, p.ids, opt, cb);
       text += dec.flush();
       const NiahScore s = score_answer(text, n.answer);
+      double nll = 0;
+      if (a.answer_nll) {  // a second prefill, teacher-forcing " {answer}\n" (the trained format)
+        const std::vector<int32_t> want = tok->encode(" " + n.answer + "\n", false);
+        auto fresh = model.make_cache(L + static_cast<int64_t>(want.size()), duo.sink, duo.recent,
+                                      duo.prefill);
+        nll = continuation_nll(model, *fresh, p.ids, want, a.chunk);
+        sum_nll += nll;
+      }
       table[di][li] = s.words;
       sum_words += s.words;
       sum_exact += s.exact ? 1 : 0;
@@ -96,6 +105,7 @@ void run(const NiahArgs& a) {
                       {"exact", s.exact},
                       {"score", s.words},
                       {"prefill_seconds", r.prefill_seconds}});
+      if (a.answer_nll) rows.back()["answer_nll"] = nll;
       if (tty) {
         const double el =
             std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -126,6 +136,8 @@ void run(const NiahArgs& a) {
   }
   std::printf("mean score %.3f, exact match %.3f over %lld prompts\n", mean, exact,
               static_cast<long long>(count));
+  const double mean_nll = sum_nll / static_cast<double>(count);
+  if (a.answer_nll) std::printf("mean answer NLL %.4f nats/token (teacher-forced)\n", mean_nll);
   if (!a.json_file.empty()) {
     nlohmann::json j = {
         {"model", a.model_dir},
@@ -145,6 +157,7 @@ void run(const NiahArgs& a) {
         {"backend", backend->name()},
         {"mean_score", mean},
         {"exact_match", exact},
+        {"mean_answer_nll", a.answer_nll ? nlohmann::json(mean_nll) : nlohmann::json(nullptr)},
         {"results", rows}};
     std::ofstream out(a.json_file);
     check(out.good(), a.json_file, ": cannot write");
@@ -180,6 +193,8 @@ void add_niah_command(CLI::App& app) {
   cmd->add_option("--chunk", a->chunk, "Prefill chunk size");
   cmd->add_option("--seed", a->seed, "Seed for passkeys and key-value pairs");
   cmd->add_option("--json", a->json_file, "Write all results to this JSON file");
+  cmd->add_flag("--answer-nll", a->answer_nll,
+                "Also score each prompt by the teacher-forced NLL of the answer (a second prefill)");
   add_backend_option(cmd, a->backend);
   a->duo.add_to(cmd);
   cmd->callback([a] { run(*a); });

@@ -166,4 +166,39 @@ NiahScore score_answer(const std::string& generated, const std::string& answer) 
   return s;
 }
 
+double token_nll(const float* logits, int64_t vocab, int32_t target) {
+  check(target >= 0 && target < vocab, "token_nll: target ", target, " outside the vocabulary");
+  double mx = logits[0];
+  for (int64_t i = 1; i < vocab; ++i) mx = std::max(mx, static_cast<double>(logits[i]));
+  double sum = 0;
+  for (int64_t i = 0; i < vocab; ++i) sum += std::exp(static_cast<double>(logits[i]) - mx);
+  return mx + std::log(sum) - static_cast<double>(logits[target]);
+}
+
+double continuation_nll(Model& model, KVCache& cache, const std::vector<int32_t>& prompt,
+                        const std::vector<int32_t>& continuation, int64_t chunk) {
+  check(!prompt.empty() && !continuation.empty(), "continuation_nll: empty prompt or continuation");
+  check(chunk > 0, "continuation_nll: chunk must be positive");
+  const int64_t vocab = model.config().vocab_size;
+  const int64_t n = static_cast<int64_t>(prompt.size());
+  std::vector<float> last;
+  for (int64_t b = 0; b < n; b += chunk) {
+    const int64_t e = std::min(n, b + chunk);
+    const std::span<const int32_t> part(prompt.data() + b, static_cast<size_t>(e - b));
+    if (e < n) {
+      model.forward(part, cache, 0);
+    } else {
+      last = model.forward(part, cache, 1);  // predicts continuation[0]
+    }
+  }
+  double sum = token_nll(last.data(), vocab, continuation[0]);
+  const int64_t k = static_cast<int64_t>(continuation.size());
+  if (k > 1) {  // continuation[0 .. k-2] predicts continuation[1 .. k-1]
+    const std::span<const int32_t> rest(continuation.data(), static_cast<size_t>(k - 1));
+    const std::vector<float> logits = model.forward(rest, cache, k - 1);
+    for (int64_t i = 1; i < k; ++i) sum += token_nll(&logits[(i - 1) * vocab], vocab, continuation[i]);
+  }
+  return sum / static_cast<double>(k);
+}
+
 }  // namespace duo

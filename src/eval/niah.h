@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/model.h"
 #include "tokenizer/tokenizer.h"
 
 namespace duo {
@@ -55,5 +56,16 @@ struct NiahScore {
 };
 
 NiahScore score_answer(const std::string& generated, const std::string& answer);
+
+// -log softmax(logits)[target] in double, over `vocab` logits.
+double token_nll(const float* logits, int64_t vocab, int32_t target);
+
+// Teacher-forced negative log-likelihood of `continuation` after `prompt`, in nats per token (mean
+// over the continuation): the prompt is prefilled into `cache` (empty, capacity >= both) in chunks
+// of `chunk` tokens, then the continuation but its last token, reading the logits that predict each
+// continuation token. A continuous needle measure: it still separates head patterns when every one
+// of them answers right (exact match ties). Throws Error on an empty prompt or continuation.
+double continuation_nll(Model& model, KVCache& cache, const std::vector<int32_t>& prompt,
+                        const std::vector<int32_t>& continuation, int64_t chunk);
 
 }  // namespace duo
