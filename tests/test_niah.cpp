@@ -3,8 +3,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <random>
 #include <nlohmann/json.hpp>
+#include <random>
 
 #include "core/error.h"
 #include "core/file_util.h"
@@ -162,6 +162,8 @@ TEST(Niah, ContinuationNllMatchesOneForwardOverEverything) {
   Model m(dir, *be, HeadLayout::all_retrieval(c));
   auto cache = m.make_cache(80, 4, 16, StreamingPrefill::kExact);
   EXPECT_THROW(continuation_nll(m, *cache, prompt, {}, 8), Error);
+  (void)continuation_nll(m, *cache, prompt, cont, 8);
+  EXPECT_THROW(continuation_nll(m, *cache, prompt, cont, 8), Error);  // cache no longer empty
 }
 
 TEST(Niah, CliRunsAndWritesJson) {

@@ -193,8 +193,9 @@ void add_niah_command(CLI::App& app) {
   cmd->add_option("--chunk", a->chunk, "Prefill chunk size");
   cmd->add_option("--seed", a->seed, "Seed for passkeys and key-value pairs");
   cmd->add_option("--json", a->json_file, "Write all results to this JSON file");
-  cmd->add_flag("--answer-nll", a->answer_nll,
-                "Also score each prompt by the teacher-forced NLL of the answer (a second prefill)");
+  cmd->add_flag(
+      "--answer-nll", a->answer_nll,
+      "Also score each prompt by the teacher-forced NLL of the answer (a second prefill)");
   add_backend_option(cmd, a->backend);
   a->duo.add_to(cmd);
   cmd->callback([a] { run(*a); });

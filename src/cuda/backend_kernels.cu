@@ -390,13 +390,13 @@ void embed(const bf16* table, int64_t cols, const int32_t* tokens, int64_t rows,
 }
 
 // The row norms' vector path (see kNormVecCols) and block size.
-bool norm_vector_path(int64_t cols, std::initializer_list<const void*> ptrs) {
+static bool norm_vector_path(int64_t cols, std::initializer_list<const void*> ptrs) {
   if (cols % 8 != 0 || cols > kNormVecCols) return false;
   for (const void* p : ptrs)
     if ((reinterpret_cast<uintptr_t>(p) & 15u) != 0) return false;
   return true;
 }
-unsigned norm_threads(int64_t cols, bool vec) {
+static unsigned norm_threads(int64_t cols, bool vec) {
   return vec ? static_cast<unsigned>((cols / 8 + 31) / 32 * 32) : 256u;
 }
 

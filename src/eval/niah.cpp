@@ -179,6 +179,7 @@ double continuation_nll(Model& model, KVCache& cache, const std::vector<int32_t>
                         const std::vector<int32_t>& continuation, int64_t chunk) {
   check(!prompt.empty() && !continuation.empty(), "continuation_nll: empty prompt or continuation");
   check(chunk > 0, "continuation_nll: chunk must be positive");
+  check(cache.length() == 0, "continuation_nll: the cache must be empty");
   const int64_t vocab = model.config().vocab_size;
   const int64_t n = static_cast<int64_t>(prompt.size());
   std::vector<float> last;
@@ -196,7 +197,8 @@ double continuation_nll(Model& model, KVCache& cache, const std::vector<int32_t>
   if (k > 1) {  // continuation[0 .. k-2] predicts continuation[1 .. k-1]
     const std::span<const int32_t> rest(continuation.data(), static_cast<size_t>(k - 1));
     const std::vector<float> logits = model.forward(rest, cache, k - 1);
-    for (int64_t i = 1; i < k; ++i) sum += token_nll(&logits[(i - 1) * vocab], vocab, continuation[i]);
+    for (int64_t i = 1; i < k; ++i)
+      sum += token_nll(&logits[(i - 1) * vocab], vocab, continuation[i]);
   }
   return sum / static_cast<double>(k);
 }
