@@ -28,11 +28,7 @@ done
 timeout 120 python3 "$G/attention_baseline.py" --decode-only > "$R/attn_torch2.jsonl" 2>&1
 echo "torch again:"; grep decode "$R/attn_torch2.jsonl"
 
-L3="--random-weights --config $G/configs/llama-3-8b-1048k.json"
-L2="--random-weights --config $G/configs/llama-2-7b-32k.json"
-P2="--pattern $G/patterns/Llama-2-7B-32K-Instruct --sparsity 0.75"
 L2S="$L2 --contexts 120000 --synthetic-prefix --decode-steps 100"
-P3="--pattern $G/patterns/Llama-3-8B-Instruct-Gradient-1048k --sparsity 0.5"
 # One round: Llama-3-8B 32K full (DW6) and 50%, Llama-2-7B 120K full and 25% (DW3); NAME prefix.
 decode_round() {
   bench $1_l3_32k 120 $L3 --contexts 32000 --synthetic-prefix --decode-steps 200

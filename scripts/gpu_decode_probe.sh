@@ -13,9 +13,6 @@ exec > >(tee -a "$R/log.txt") 2>&1
 source scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 cat "$G/commit.txt" 2>/dev/null
-L3="--random-weights --config $G/configs/llama-3-8b-1048k.json"
-L2="--random-weights --config $G/configs/llama-2-7b-32k.json"
-P2="--pattern $G/patterns/Llama-2-7B-32K-Instruct --sparsity 0.75"
 
 step "cuBLASLt configurations of the decode GEMMs (Llama-3-8B, Llama-2-7B)"
 DUO_GEMM_INFO=1 bench l3_1k_info 60 $L3 --contexts 1000 --decode-steps 20

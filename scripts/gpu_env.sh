@@ -12,6 +12,11 @@ export LD_LIBRARY_PATH=$PWD/$G/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export DUO_FIXTURES=$PWD/tests/fixtures  # they travel with the tree
 export DUO_CORPUS=$PWD/data/haystack DUO_MODELS=$PWD/models  # tests that read these from the tree
 DUO=$PWD/$G/duo
+# The issue-4 benchmark models (random weights) and published patterns, for `bench ... $L2 $P2`.
+L3="--random-weights --config $G/configs/llama-3-8b-1048k.json"
+L2="--random-weights --config $G/configs/llama-2-7b-32k.json"
+P2="--pattern $G/patterns/Llama-2-7B-32K-Instruct --sparsity 0.75"
+P3="--pattern $G/patterns/Llama-3-8B-Instruct-Gradient-1048k --sparsity 0.5"
 
 step() { echo "== $1 ($(date +%T))"; }
 
@@ -83,19 +88,18 @@ PY
 # cache fits (tried from the top down, $FULL_TRY; synthetic prefix, last 32K chunk real),
 # DuoAttention 50% at that context, and DuoAttention 50% at 900K.
 dw4_80gb() {
-  local L3="--random-weights --config $G/configs/llama-3-8b-1048k.json --synthetic-prefix --decode-steps 20"
-  local P3="--pattern $G/patterns/Llama-3-8B-Instruct-Gradient-1048k --sparsity 0.5"
+  local L3S="$L3 --synthetic-prefix --decode-steps 20"
   step "DW4: largest full-attention context (from the top down)"
   local fit=0 n
   for n in ${FULL_TRY:-530000 515000 500000 480000 460000 440000}; do
-    bench l3_full_$n 90 $L3 --contexts $n
+    bench l3_full_$n 90 $L3S --contexts $n
     if grep -q '"decode_ms_per_token_median"' "$R/l3_full_$n.json" 2>/dev/null; then fit=$n; break; fi
     tail -c 300 "$R/l3_full_$n.err"; echo
   done
   echo "largest full-attention context tried that fits: $fit"
-  if [[ $fit -gt 0 ]]; then bench l3_duo50_$fit 90 $L3 $P3 --contexts $fit; fi
+  if [[ $fit -gt 0 ]]; then bench l3_duo50_$fit 90 $L3S $P3 --contexts $fit; fi
   step "DW4: DuoAttention 50% at 900K"
-  bench l3_duo50_900000 120 $L3 $P3 --contexts 900000
+  bench l3_duo50_900000 120 $L3S $P3 --contexts 900000
   nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
 }
 
@@ -120,4 +124,25 @@ memcheck_suite() {
   else
     echo "compute-sanitizer not found"
   fi
+}
+
+# dw6_vs_transformers: issue 4 DW6, Llama-3-8B 32K full attention, then transformers (sdpa, bf16)
+# on the same config in the same call.
+dw6_vs_transformers() {
+  step "DW6: Llama-3-8B 32K full attention vs transformers (sdpa, bf16)"
+  bench l3_32k_full 90 $L3 --contexts 32000 --chunk 32768 --decode-steps 100
+  PYTHONUNBUFFERED=1 timeout 120 python3 "$G/baseline_transformers.py" --config $G/configs/llama-3-8b-1048k.json \
+    --contexts 32000 --decode-steps 20 > "$R/hf_l3_32k.json" 2> "$R/hf_l3_32k.err"; echo "hf rc=$?"
+  tail -c 500 "$R/hf_l3_32k.json"; echo
+}
+
+# dw5_prefill: issue 4 DW5, prefill with chunk 32K: Llama-2-7B 100K full vs 25%, Llama-3-8B 320K
+# full vs 50%.
+dw5_prefill() {
+  step "DW5: prefill, chunk 32K: Llama-2-7B 100K full vs 25%"
+  bench l2_100k_full 120 $L2 --contexts 100000 --chunk 32768 --decode-steps 20
+  bench l2_100k_duo75 90 $L2 --contexts 100000 --chunk 32768 --decode-steps 20 $P2
+  step "DW5: prefill, chunk 32K: Llama-3-8B 320K full vs 50%"
+  bench l3_320k_full 200 $L3 --contexts 320000 --chunk 32768 --decode-steps 5
+  bench l3_320k_duo50 150 $L3 --contexts 320000 --chunk 32768 --decode-steps 5 $P3
 }

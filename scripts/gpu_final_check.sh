@@ -31,15 +31,7 @@ fi
 
 copy_bandwidth
 
-L3="--random-weights --config $G/configs/llama-3-8b-1048k.json"
-L2="--random-weights --config $G/configs/llama-2-7b-32k.json"
-P2="--pattern $G/patterns/Llama-2-7B-32K-Instruct --sparsity 0.75"
-P3="--pattern $G/patterns/Llama-3-8B-Instruct-Gradient-1048k --sparsity 0.5"
-step "Llama-3-8B 32K full attention vs transformers (sdpa, bf16), same call"
-bench l3_32k_full 90 $L3 --contexts 32000 --chunk 32768 --decode-steps 100
-PYTHONUNBUFFERED=1 timeout 90 python3 "$G/baseline_transformers.py" --config $G/configs/llama-3-8b-1048k.json --contexts 32000 \
-  --decode-steps 20 > "$R/hf_l3_32k.json" 2> "$R/hf_l3_32k.err"; echo "hf rc=$?"
-tail -c 500 "$R/hf_l3_32k.json"; echo
+dw6_vs_transformers
 step "decode: Llama-2-7B 120K full vs 25% (DW3), synthetic prefix"
 bench l2_120k_full 120 $L2 --contexts 120000 --synthetic-prefix --decode-steps 100
 bench l2_120k_duo75 120 $L2 $P2 --contexts 120000 --synthetic-prefix --decode-steps 100
@@ -47,14 +39,7 @@ step "identify profile: Llama-3-8B config, random weights (issue 6 speed)"
 timeout 240 "$DUO" identify --backend cuda --random-weights --config $G/configs/llama-3-8b-1048k.json \
   --profile-contexts 1024,8192,32000 --profile-steps 3 --json "$R/identify_profile.json" \
   > "$R/identify_profile.log" 2>&1; echo "identify profile rc=$?"; tail -n 25 "$R/identify_profile.log"
-[[ ${SKIP_PREFILL:-0} == 1 ]] || {
-step "prefill, chunk 32K: Llama-2-7B 100K full vs 25%"
-bench l2_100k_full 90 $L2 --contexts 100000 --chunk 32768 --decode-steps 20
-bench l2_100k_duo75 90 $L2 --contexts 100000 --chunk 32768 --decode-steps 20 $P2
-step "prefill, chunk 32K: Llama-3-8B 320K full vs 50%"
-bench l3_320k_full 150 $L3 --contexts 320000 --chunk 32768 --decode-steps 5
-bench l3_320k_duo50 120 $L3 --contexts 320000 --chunk 32768 --decode-steps 5 $P3
-}
+[[ ${SKIP_PREFILL:-0} == 1 ]] || dw5_prefill
 
 step "NIAH, most aggressive ratios (gate vs heuristic)"
 pids=()

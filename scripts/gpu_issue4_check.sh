@@ -19,10 +19,6 @@ source scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 cat "$G/commit.txt"
 skip() { [[ ",${SKIP:-}," == *",$1,"* ]]; }
-L3="--random-weights --config $G/configs/llama-3-8b-1048k.json"
-L2="--random-weights --config $G/configs/llama-2-7b-32k.json"
-P2="--pattern $G/patterns/Llama-2-7B-32K-Instruct --sparsity 0.75"
-P3="--pattern $G/patterns/Llama-3-8B-Instruct-Gradient-1048k --sparsity 0.5"
 
 copy_bandwidth
 step "DW1/DW2: attention kernels, torch SDPA then duo"
@@ -31,11 +27,7 @@ grep -E "prefill|decode" "$R/attn_torch.jsonl"
 timeout 180 "$G/duo_attention_bench" > "$R/attn_duo.jsonl" 2>&1
 grep -E "prefill|decode" "$R/attn_duo.jsonl"
 
-step "DW6: Llama-3-8B 32K full attention vs transformers (sdpa, bf16)"
-bench l3_32k_full 90 $L3 --contexts 32000 --chunk 32768 --decode-steps 100
-PYTHONUNBUFFERED=1 timeout 120 python3 "$G/baseline_transformers.py" --config $G/configs/llama-3-8b-1048k.json \
-  --contexts 32000 --decode-steps 20 > "$R/hf_l3_32k.json" 2> "$R/hf_l3_32k.err"; echo "hf rc=$?"
-tail -c 500 "$R/hf_l3_32k.json"; echo
+dw6_vs_transformers
 
 step "DW3: Llama-2-7B 120K decode, full vs 25% (synthetic prefix), three alternating pairs"
 for i in 1 2 3; do
@@ -48,13 +40,6 @@ bench l2_120k_duo75_real 90 $L2 $P2 --contexts 120000 --chunk 32768 --decode-ste
 
 skip dw4 || dw4_80gb
 
-skip dw5 || {
-step "DW5: prefill, chunk 32K: Llama-2-7B 100K full vs 25%"
-bench l2_100k_full 120 $L2 --contexts 100000 --chunk 32768 --decode-steps 20
-bench l2_100k_duo75 90 $L2 --contexts 100000 --chunk 32768 --decode-steps 20 $P2
-step "DW5: prefill, chunk 32K: Llama-3-8B 320K full vs 50%"
-bench l3_320k_full 200 $L3 --contexts 320000 --chunk 32768 --decode-steps 5
-bench l3_320k_duo50 150 $L3 --contexts 320000 --chunk 32768 --decode-steps 5 $P3
-}
+skip dw5 || dw5_prefill
 [[ ${MEMCHECK:-0} == 1 ]] && memcheck_suite
 step "done"
