@@ -12,5 +12,6 @@ void add_niah_command(CLI::App& app);
 void add_identify_command(CLI::App& app);
 void add_pattern_command(CLI::App& app);
 void add_bench_command(CLI::App& app);
+void add_perplexity_command(CLI::App& app);
 
 }  // namespace duo::cli

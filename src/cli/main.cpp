@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
   duo::cli::add_identify_command(app);
   duo::cli::add_pattern_command(app);
   duo::cli::add_bench_command(app);
+  duo::cli::add_perplexity_command(app);
   duo::cli::set_command_line(argc, argv);
   try {
     app.parse(argc, argv);

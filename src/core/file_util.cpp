@@ -5,10 +5,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
 #include <sstream>
+#include <vector>
 
 #include "core/error.h"
 
@@ -24,6 +26,20 @@ std::string read_text_file(const std::filesystem::path& path) {
   std::ostringstream os;
   os << in.rdbuf();
   return os.str();
+}
+
+std::string read_text_corpus(const std::filesystem::path& path) {
+  std::error_code ec;
+  check(std::filesystem::exists(path, ec), path.string(), ": not found");
+  if (!std::filesystem::is_directory(path, ec)) return read_text_file(path);
+  std::vector<std::filesystem::path> files;
+  for (const auto& e : std::filesystem::recursive_directory_iterator(path))
+    if (e.is_regular_file() && e.path().extension() == ".txt") files.push_back(e.path());
+  std::sort(files.begin(), files.end());
+  check(!files.empty(), path.string(), ": no .txt files");
+  std::string text;
+  for (const auto& f : files) text += read_text_file(f) + "\n\n";
+  return text;
 }
 
 nlohmann::json read_json_file(const std::filesystem::path& path) {

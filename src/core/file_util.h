@@ -11,6 +11,10 @@ namespace duo {
 // Whole file as a string; throws Error naming the path if it is missing or unreadable.
 std::string read_text_file(const std::filesystem::path& path);
 
+// The text of a .txt file, or of every .txt file under a directory (recursively, in path order),
+// joined by blank lines; throws Error naming the path if it is missing or holds no .txt file.
+std::string read_text_corpus(const std::filesystem::path& path);
+
 // Parses a JSON file; throws Error naming the path and the parse position on bad JSON.
 nlohmann::json read_json_file(const std::filesystem::path& path);
 

@@ -71,12 +71,7 @@ std::vector<int32_t> haystack_tokens(const Tokenizer& tok, const std::filesystem
   } else {
     std::error_code ec;
     check(std::filesystem::is_directory(dir, ec), dir.string(), ": haystack directory not found");
-    std::vector<std::filesystem::path> files;
-    for (const auto& e : std::filesystem::recursive_directory_iterator(dir))
-      if (e.is_regular_file() && e.path().extension() == ".txt") files.push_back(e.path());
-    std::sort(files.begin(), files.end());
-    check(!files.empty(), dir.string(), ": no .txt files to use as haystack");
-    for (const auto& f : files) text += read_text_file(f) + "\n\n";
+    text = read_text_corpus(dir);
   }
   std::vector<int32_t> unit = tok.encode(text, false);
   check(!unit.empty(), "haystack text tokenizes to nothing");
