@@ -88,6 +88,31 @@ __device__ __forceinline__ void bf16x8_store(bf16* p, const float* f) {
   *reinterpret_cast<uint4*>(p) = u;
 }
 
+// The second half of both row norms, after each thread has its columns: the block's sum of
+// squares -> 1 / rms -> w * x / rms, stored as bf16. Vector path: thread t's 8 columns from c
+// (zeros past the row, which add nothing), weights already loaded so no load follows the sum.
+__device__ __forceinline__ void norm_finish_vec(float (&v)[8], const float (&wv)[8], int64_t c,
+                                                int64_t cols, float eps, bf16* o) {
+  float ss = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) ss += v[i] * v[i];
+  ss = block_sum(ss);
+  const float inv = 1.0f / sqrtf(ss / static_cast<float>(cols) + eps);
+  if (c < cols) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = wv[i] * (v[i] * inv);
+    bf16x8_store(o + c, v);
+  }
+}
+// Looped path: ss is this thread's sum over columns threadIdx.x + k * blockDim.x of xr.
+__device__ __forceinline__ void norm_finish_loop(float ss, const bf16* xr, const bf16* w,
+                                                 int64_t cols, float eps, bf16* o) {
+  ss = block_sum(ss);
+  const float inv = 1.0f / sqrtf(ss / static_cast<float>(cols) + eps);
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
+    o[c] = __float2bfloat16(__bfloat162float(w[c]) * (__bfloat162float(xr[c]) * inv));
+}
+
 __global__ void rmsnorm_kernel(const bf16* x, const bf16* w, float eps, int64_t cols, bool vec,
                                bf16* out) {
   pdl_wait();  // launched with launch_pdl (cuda/pdl.cuh)
@@ -98,20 +123,11 @@ __global__ void rmsnorm_kernel(const bf16* x, const bf16* w, float eps, int64_t 
   if (vec) {
     const int64_t c = 8 * static_cast<int64_t>(threadIdx.x);
     float v[8] = {}, wv[8];
-    float ss = 0.0f;
     if (c < cols) {
       bf16x8_load(xr + c, v);
       bf16x8_load(w + c, wv);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) ss += v[i] * v[i];
     }
-    ss = block_sum(ss);
-    const float inv = 1.0f / sqrtf(ss / static_cast<float>(cols) + eps);
-    if (c < cols) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] = wv[i] * (v[i] * inv);
-      bf16x8_store(o + c, v);
-    }
+    norm_finish_vec(v, wv, c, cols, eps, o);
     return;
   }
   float ss = 0.0f;
@@ -119,10 +135,7 @@ __global__ void rmsnorm_kernel(const bf16* x, const bf16* w, float eps, int64_t 
     const float v = __bfloat162float(xr[c]);
     ss += v * v;
   }
-  ss = block_sum(ss);
-  const float inv = 1.0f / sqrtf(ss / static_cast<float>(cols) + eps);
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
-    o[c] = __float2bfloat16(__bfloat162float(w[c]) * (__bfloat162float(xr[c]) * inv));
+  norm_finish_loop(ss, xr, w, cols, eps, o);
 }
 
 // add_kernel then rmsnorm_kernel in one pass: each thread rounds x + y to bf16 exactly as
@@ -139,7 +152,6 @@ __global__ void add_rmsnorm_kernel(bf16* x, const bf16* y, const bf16* w, float 
   if (vec) {
     const int64_t c = 8 * static_cast<int64_t>(threadIdx.x);
     float v[8] = {}, yv[8], wv[8];
-    float ss = 0.0f;
     if (c < cols) {
       bf16x8_load(xr + c, v);
       bf16x8_load(yr + c, yv);
@@ -147,16 +159,8 @@ __global__ void add_rmsnorm_kernel(bf16* x, const bf16* y, const bf16* w, float 
 #pragma unroll
       for (int i = 0; i < 8; ++i) v[i] = __bfloat162float(__float2bfloat16(v[i] + yv[i]));
       bf16x8_store(xr + c, v);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) ss += v[i] * v[i];
     }
-    ss = block_sum(ss);
-    const float inv = 1.0f / sqrtf(ss / static_cast<float>(cols) + eps);
-    if (c < cols) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] = wv[i] * (v[i] * inv);
-      bf16x8_store(o + c, v);
-    }
+    norm_finish_vec(v, wv, c, cols, eps, o);
     return;
   }
   float ss = 0.0f;
@@ -166,10 +170,7 @@ __global__ void add_rmsnorm_kernel(bf16* x, const bf16* y, const bf16* w, float 
     const float v = __bfloat162float(s);
     ss += v * v;
   }
-  ss = block_sum(ss);
-  const float inv = 1.0f / sqrtf(ss / static_cast<float>(cols) + eps);
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)  // the same thread wrote xr[c]
-    o[c] = __float2bfloat16(__bfloat162float(w[c]) * (__bfloat162float(xr[c]) * inv));
+  norm_finish_loop(ss, xr, w, cols, eps, o);  // the same thread wrote the xr[c] it reads
 }
 
 // One block per row: cos/sin of the row's position for each frequency (angle in fp32 exactly as

@@ -98,6 +98,49 @@ __device__ __forceinline__ bool tile_full(const Window& w, int64_t base, int64_t
   return base + kBN <= end && base + kBN - 1 <= t0 && (base + kBN <= w.sink || base >= rb_last);
 }
 
+// Double buffering over a block's tiles (key tiles, or dK/dV's query items): before working on
+// tile k, issue tile k + 1's loads into the other buffer (load(k + 1, buffer)) and wait until
+// tile k's loads, committed earlier, have landed for the whole block.
+template <class Load>
+__device__ __forceinline__ void next_tile_ready(int64_t k, int64_t count, const Load& load) {
+  if (k + 1 < count) {
+    load(k + 1, static_cast<int>((k + 1) & 1));
+    cp_async_commit();
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+  __syncthreads();
+}
+
+// A forward / dQ block: query rows [t0, t1) of query head h (blockIdx.y; blockIdx.x picks the 64
+// rows), the key tiles they see, and the K / V columns of the head's KV group.
+template <int D>
+struct QueryBlock {
+  int h;
+  int64_t t0, t1;
+  int64_t qs, ks;  // row strides of Q (and dO, O) and of K / V
+  KeyTiles kt;
+  const bf16* Kg;
+  const bf16* Vg;
+  __device__ QueryBlock(const bf16* K, const bf16* V, int64_t n, int nq, int nkv, const Window& w)
+      : h(static_cast<int>(blockIdx.y)),
+        t0(static_cast<int64_t>(blockIdx.x) * kRows),
+        t1(min(n, t0 + kRows)),
+        qs(static_cast<int64_t>(nq) * D),
+        ks(static_cast<int64_t>(nkv) * D),
+        kt(key_tiles(w, t0, t1)),
+        Kg(K + static_cast<int64_t>(h / (nq / nkv)) * D),
+        Vg(V + static_cast<int64_t>(h / (nq / nkv)) * D) {}
+  // Key tile k into buffer buf of sK / sV ([2][kBN][lds]; rows past the tile's range zeroed).
+  __device__ void load_kv(bf16* sK, bf16* sV, int64_t k, int buf) const {
+    int64_t base, end;
+    kt.at(static_cast<int>(k), base, end);
+    load_rows<D>(sK + buf * kBN * lds<D>(), Kg + base * ks, ks, 0, end - base, kBN);
+    load_rows<D>(sV + buf * kBN * lds<D>(), Vg + base * ks, ks, 0, end - base, kBN);
+  }
+};
+
 // A fragment (16 rows x 16 k) of a row-major smem tile at (row0, k0).
 template <int D>
 __device__ __forceinline__ void load_a(uint32_t* a, const bf16* s, int row0, int k0) {
@@ -152,18 +195,11 @@ __global__ void __launch_bounds__(kThreads)
   bf16* sK = sQ + kRows * LDS;    // [2][kBN][LDS]
   bf16* sV = sK + 2 * kBN * LDS;  // [2][kBN][LDS]
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int h = blockIdx.y, g = h / (nq / nkv);
-  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kRows, t1 = min(n, t0 + kRows);
-  const int64_t qs = static_cast<int64_t>(nq) * D, ks = static_cast<int64_t>(nkv) * D;
-  const KeyTiles kt = key_tiles(w, t0, t1);
-  const bf16* Kg = K + static_cast<int64_t>(g) * D;
-  const bf16* Vg = V + static_cast<int64_t>(g) * D;
-  auto load_kv = [&](int k, int buf) {
-    int64_t base, end;
-    kt.at(k, base, end);
-    load_rows<D>(sK + buf * kBN * LDS, Kg + base * ks, ks, 0, end - base, kBN);
-    load_rows<D>(sV + buf * kBN * LDS, Vg + base * ks, ks, 0, end - base, kBN);
-  };
+  const QueryBlock<D> qb(K, V, n, nq, nkv, w);
+  const int h = qb.h;
+  const int64_t t0 = qb.t0, t1 = qb.t1, qs = qb.qs;
+  const KeyTiles& kt = qb.kt;
+  const auto load_kv = [&](int64_t k, int buf) { qb.load_kv(sK, sV, k, buf); };
   load_rows<D>(sQ, Q + static_cast<int64_t>(h) * D + t0 * qs, qs, 0, n - t0, kRows);
   if (kt.count > 0) load_kv(0, 0);
   cp_async_commit();
@@ -178,14 +214,7 @@ __global__ void __launch_bounds__(kThreads)
   uint32_t qf[KD][4];
   for (int k = 0; k < kt.count; ++k) {
     const int buf = k & 1;
-    if (k + 1 < kt.count) {
-      load_kv(k + 1, buf ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    next_tile_ready(k, kt.count, load_kv);
     if (k == 0) {
 #pragma unroll
       for (int kk = 0; kk < KD; ++kk) load_a<D>(qf[kk], sQ, warp * 16, kk * 16);
@@ -280,18 +309,11 @@ __global__ void __launch_bounds__(kThreads)
   bf16* sK = sdO + kRows * LDS;   // [2][kBN][LDS]
   bf16* sV = sK + 2 * kBN * LDS;  // [2][kBN][LDS]
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int h = blockIdx.y, g = h / (nq / nkv);
-  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kRows, t1 = min(n, t0 + kRows);
-  const int64_t qs = static_cast<int64_t>(nq) * D, ks = static_cast<int64_t>(nkv) * D;
-  const KeyTiles kt = key_tiles(w, t0, t1);
-  const bf16* Kg = K + static_cast<int64_t>(g) * D;
-  const bf16* Vg = V + static_cast<int64_t>(g) * D;
-  auto load_kv = [&](int k, int buf) {
-    int64_t base, end;
-    kt.at(k, base, end);
-    load_rows<D>(sK + buf * kBN * LDS, Kg + base * ks, ks, 0, end - base, kBN);
-    load_rows<D>(sV + buf * kBN * LDS, Vg + base * ks, ks, 0, end - base, kBN);
-  };
+  const QueryBlock<D> qb(K, V, n, nq, nkv, w);
+  const int h = qb.h;
+  const int64_t t0 = qb.t0, t1 = qb.t1, qs = qb.qs;
+  const KeyTiles& kt = qb.kt;
+  const auto load_kv = [&](int64_t k, int buf) { qb.load_kv(sK, sV, k, buf); };
   const int64_t off = static_cast<int64_t>(h) * D + t0 * qs;
   load_rows<D>(sQ, Q + off, qs, 0, n - t0, kRows);
   load_rows<D>(sdO, dO + off, qs, 0, n - t0, kRows);
@@ -308,14 +330,7 @@ __global__ void __launch_bounds__(kThreads)
   zero<D / 8>(acc);
   for (int k = 0; k < kt.count; ++k) {
     const int buf = k & 1;
-    if (k + 1 < kt.count) {
-      load_kv(k + 1, buf ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    next_tile_ready(k, kt.count, load_kv);
     const bf16* cK = sK + buf * kBN * LDS;
     const bf16* cV = sV + buf * kBN * LDS;
     float s[NT][4], dp[NT][4];
@@ -441,14 +456,7 @@ __global__ void __launch_bounds__(kThreads)
   zero<D / 8>(dv);
   for (int64_t it = 0; it < items; ++it) {
     const int buf = static_cast<int>(it & 1);
-    if (it + 1 < items) {
-      load_item(it + 1, buf ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    next_tile_ready(it, items, load_item);
     const bf16* cQ = sQ + buf * kBQ * LDS;
     const bf16* cdO = sdO + buf * kBQ * LDS;
     // S^T and dP^T (16 keys x 32 query rows per warp).

@@ -342,6 +342,30 @@ __device__ __forceinline__ void dot4(const float* rows, int stride, const float*
   }
 }
 
+// acc[rr][c] += sum over the tile's keys k2 of x[rr](k2) * M[k2][lane + 32 c]: each row's
+// per-key value x[rr] sits in lane k2 (P for P V in the forward, dS for dS K in dQ); lanes own
+// dims lane + 32 c of the tile M (kBK rows of stride P in shared memory).
+template <int D, int P, int PER>
+__device__ __forceinline__ void rows_times_tile(float (&acc)[kRowsPerWarp][PER],
+                                                const float (&x)[kRowsPerWarp], const float* M,
+                                                int lane) {
+#pragma unroll 4
+  for (int k2 = 0; k2 < kBK; ++k2) {
+    float m[PER];
+#pragma unroll
+    for (int c = 0; c < PER; ++c) {
+      const int i = lane + 32 * c;
+      m[c] = i < D ? M[k2 * P + i] : 0.0f;
+    }
+#pragma unroll
+    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+      const float xk = __shfl_sync(kFull, x[rr], k2);
+#pragma unroll
+      for (int c = 0; c < PER; ++c) acc[rr][c] += xk * m[c];
+    }
+  }
+}
+
 // Forward: block = 32 query rows x one query head; warp w owns rows 4w..4w+3. Online softmax over
 // the block's key union in tiles of 32 keys; lane = key for the scores, lane = dims for P V.
 template <int D>
@@ -404,21 +428,7 @@ __global__ void __launch_bounds__(kRowWarps * 32)
       s[rr] = p;
     }
     // P V: lanes own dims lane + 32 c.
-#pragma unroll 4
-    for (int k2 = 0; k2 < kBK; ++k2) {
-      float vv[PER];
-#pragma unroll
-      for (int c = 0; c < PER; ++c) {
-        const int i = lane + 32 * c;
-        vv[c] = i < D ? Vs[k2 * P + i] : 0.0f;
-      }
-#pragma unroll
-      for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-        const float pk = __shfl_sync(kFull, s[rr], k2);
-#pragma unroll
-        for (int c = 0; c < PER; ++c) acc[rr][c] += pk * vv[c];
-      }
-    }
+    rows_times_tile<D, P, PER>(acc, s, Vs, lane);
   }
 #pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
@@ -500,21 +510,7 @@ __global__ void __launch_bounds__(kRowWarps * 32)
       const float p = vis ? expf(s[rr] - L[rr]) : 0.0f;
       s[rr] = p * (dp[rr] - Dr[rr]);  // dS (unscaled)
     }
-#pragma unroll 4
-    for (int k2 = 0; k2 < kBK; ++k2) {
-      float kv[PER];
-#pragma unroll
-      for (int c = 0; c < PER; ++c) {
-        const int i = lane + 32 * c;
-        kv[c] = i < D ? Ks[k2 * P + i] : 0.0f;
-      }
-#pragma unroll
-      for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-        const float ds = __shfl_sync(kFull, s[rr], k2);
-#pragma unroll
-        for (int c = 0; c < PER; ++c) acc[rr][c] += ds * kv[c];
-      }
-    }
+    rows_times_tile<D, P, PER>(acc, s, Ks, lane);  // dQ += dS K
   }
 #pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
