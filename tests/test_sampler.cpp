@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <map>
+#include <tuple>
 
 #include "core/error.h"
 #include "engine/generate.h"
@@ -86,6 +87,37 @@ TEST(Generate, StopsAtEos) {
   // Context checks.
   auto small = m.make_cache(8, 0, 0, StreamingPrefill::kExact);
   EXPECT_THROW(generate(m, *small, prompt, opt), Error);  // 4 + 10 > 8
+}
+
+// The chunk split shared by generate() and continuation_nll: chunks of `chunk` run here, the last
+// (1..chunk tokens) is returned; worked examples with 10 tokens.
+TEST(Generate, PrefillToLastChunkSplitsAsDocumented) {
+  const auto dir = testing::fixture("models/llama3_gqa");
+  auto be = make_cpu_backend(CpuMode::kFast);
+  const ModelConfig c = ModelConfig::load(dir);
+  Model m(dir, *be, HeadLayout::all_retrieval(c));
+  const std::vector<int32_t> prompt = {5, 17, 300, 42, 7, 9, 11, 13, 15, 19};
+  // chunk: (tokens run here, progress reports, size of the returned last chunk)
+  for (const auto& [chunk, run, reports, rest] :
+       std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>>{
+           {3, 9, 3, 1}, {4, 8, 2, 2}, {5, 5, 1, 5}, {10, 0, 0, 10}, {64, 0, 0, 10}}) {
+    auto cache = m.make_cache(16, 0, 0, StreamingPrefill::kExact);
+    std::vector<int64_t> done;
+    const auto last = prefill_to_last_chunk(m, *cache, prompt, chunk, [&](int64_t d, int64_t n) {
+      EXPECT_EQ(n, 10);
+      done.push_back(d);
+    });
+    EXPECT_EQ(cache->length(), run) << "chunk " << chunk;
+    EXPECT_EQ(static_cast<int64_t>(done.size()), reports) << "chunk " << chunk;
+    if (!done.empty()) {
+      EXPECT_EQ(done.back(), run);
+    }
+    ASSERT_EQ(static_cast<int64_t>(last.size()), rest) << "chunk " << chunk;
+    EXPECT_EQ(last.data(), prompt.data() + run);
+  }
+  auto cache = m.make_cache(16, 0, 0, StreamingPrefill::kExact);
+  EXPECT_THROW(prefill_to_last_chunk(m, *cache, std::vector<int32_t>{}, 4), Error);
+  EXPECT_THROW(prefill_to_last_chunk(m, *cache, prompt, 0), Error);
 }
 
 }  // namespace

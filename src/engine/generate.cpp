@@ -7,6 +7,20 @@
 
 namespace duo {
 
+std::span<const int32_t> prefill_to_last_chunk(
+    Model& model, KVCache& cache, std::span<const int32_t> prompt, int64_t chunk,
+    const std::function<void(int64_t, int64_t)>& on_prefill) {
+  const int64_t n = static_cast<int64_t>(prompt.size());
+  check(n > 0, "empty prompt: nothing to run");
+  check(chunk > 0, "--chunk must be positive, got ", chunk);
+  const int64_t last = (n - 1) / chunk * chunk;  // start of the last chunk
+  for (int64_t p = 0; p < last; p += chunk) {
+    model.forward(prompt.subspan(static_cast<size_t>(p), static_cast<size_t>(chunk)), cache, 0);
+    if (on_prefill) on_prefill(p + chunk, n);
+  }
+  return prompt.subspan(static_cast<size_t>(last));
+}
+
 GenerateResult generate(Model& model, KVCache& cache, std::span<const int32_t> prompt,
                         const GenerateOptions& opt, const GenerateCallbacks& cb) {
   using clock = std::chrono::steady_clock;
@@ -31,18 +45,13 @@ GenerateResult generate(Model& model, KVCache& cache, std::span<const int32_t> p
   r.prompt_tokens = n;
   const auto t0 = clock::now();
   int32_t next = -1;
-  for (int64_t p = 0; p < n; p += opt.chunk) {
-    const int64_t len = std::min(opt.chunk, n - p);
-    const auto part = prompt.subspan(static_cast<size_t>(p), static_cast<size_t>(len));
-    if (p + len < n) {
-      model.forward(part, cache, 0);
-    } else if (opt.max_new_tokens > 0) {
-      next = step(part);
-    } else {
-      model.forward(part, cache, 0);  // nothing to generate: no logits needed
-    }
-    if (cb.on_prefill) cb.on_prefill(p + len, n);
+  const auto last = prefill_to_last_chunk(model, cache, prompt, opt.chunk, cb.on_prefill);
+  if (opt.max_new_tokens > 0) {
+    next = step(last);
+  } else {
+    model.forward(last, cache, 0);  // nothing to generate: no logits needed
   }
+  if (cb.on_prefill) cb.on_prefill(n, n);
   const auto t1 = clock::now();
   r.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
   for (int64_t i = 0; i < opt.max_new_tokens; ++i) {

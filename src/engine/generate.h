@@ -32,6 +32,13 @@ struct GenerateCallbacks {
   std::function<bool()> stop;                                   // checked after each token
 };
 
+// Chunked prefill of all of `prompt` (non-empty) but its last chunk of at most `chunk` tokens,
+// which is returned for the caller to run itself and read its logits. on_prefill(done, total)
+// follows each chunk run here.
+std::span<const int32_t> prefill_to_last_chunk(
+    Model& model, KVCache& cache, std::span<const int32_t> prompt, int64_t chunk,
+    const std::function<void(int64_t, int64_t)>& on_prefill = {});
+
 // Runs prompt (non-empty) through the model on a cache that must be empty and large enough for
 // prompt + max_new_tokens (checked with a clear error).
 GenerateResult generate(Model& model, KVCache& cache, std::span<const int32_t> prompt,

@@ -11,6 +11,7 @@
 
 #include "core/error.h"
 #include "core/file_util.h"
+#include "engine/generate.h"
 
 namespace duo {
 
@@ -176,17 +177,8 @@ double continuation_nll(Model& model, KVCache& cache, const std::vector<int32_t>
   check(chunk > 0, "continuation_nll: chunk must be positive");
   check(cache.length() == 0, "continuation_nll: the cache must be empty");
   const int64_t vocab = model.config().vocab_size;
-  const int64_t n = static_cast<int64_t>(prompt.size());
-  std::vector<float> last;
-  for (int64_t b = 0; b < n; b += chunk) {
-    const int64_t e = std::min(n, b + chunk);
-    const std::span<const int32_t> part(prompt.data() + b, static_cast<size_t>(e - b));
-    if (e < n) {
-      model.forward(part, cache, 0);
-    } else {
-      last = model.forward(part, cache, 1);  // predicts continuation[0]
-    }
-  }
+  const std::vector<float> last =  // predicts continuation[0]
+      model.forward(prefill_to_last_chunk(model, cache, prompt, chunk), cache, 1);
   double sum = token_nll(last.data(), vocab, continuation[0]);
   const int64_t k = static_cast<int64_t>(continuation.size());
   if (k > 1) {  // continuation[0 .. k-2] predicts continuation[1 .. k-1]
