@@ -149,7 +149,12 @@ TEST(Perplexity, ChunkedEvaluationMatchesOneForwardPerWindow) {
   EXPECT_EQ(same_model.tokens, 2 * (ctx - ctx / 2));  // default: the second half
   // Without a base model only the perplexity is reported.
   const PerplexityResult alone = evaluate_perplexity(test, nullptr, text, prefix, o);
+  const PerplexityResult paired = evaluate_perplexity(test, &base, text, prefix, o);
   EXPECT_FALSE(alone.compared);
+  EXPECT_EQ(alone.tokens, paired.tokens);
+  EXPECT_NEAR(alone.nll, paired.nll, 1e-12);
+  EXPECT_NEAR(alone.windows[1].nll, paired.windows[1].nll, 1e-12);
+  EXPECT_EQ(alone.kl, 0.0);
   EXPECT_NEAR(alone.perplexity(), std::exp(alone.nll), 1e-12);
 }
 

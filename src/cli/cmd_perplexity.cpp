@@ -155,7 +155,10 @@ void add_perplexity_command(CLI::App& app) {
   cmd->add_option("--score-from", a->score_from,
                   "First scored position of each window (default ctx/2: the second half)");
   cmd->add_option("--windows", a->windows, "Windows to score at most (default 0 = all)");
-  cmd->add_option("--chunk", a->chunk, "Prefill chunk size (default 1024)");
+  cmd->add_option(
+      "--chunk", a->chunk,
+      "Prefill chunk size (default 1024); the scored rows' logits of one chunk are held "
+      "at once: chunk x vocab x 4 bytes per model, on the device and the host");
   cmd->add_flag("--kl-divergence", a->kl,
                 "Also run full attention (a second copy of the weights) and report KL(full || "
                 "pattern) and top-token agreement per scored token");

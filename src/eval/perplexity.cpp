@@ -5,6 +5,7 @@
 #include <span>
 
 #include "core/error.h"
+#include "eval/niah.h"  // token_nll
 
 namespace duo {
 
@@ -117,9 +118,14 @@ PerplexityResult evaluate_perplexity(Model& test, Model* base, const std::vector
       const int64_t rows = std::max<int64_t>(0, e - std::max(b, first - 1));
       const std::span<const int32_t> part(ids.data() + b, static_cast<size_t>(e - b));
       const std::vector<float> lt = test.forward(part, *cache, rows);
-      const std::vector<float> lb = base ? base->forward(part, *base_cache, rows) : lt;
+      std::vector<float> lb;
+      if (base) lb = base->forward(part, *base_cache, rows);
       for (int64_t i = 0; i < rows; ++i) {
         const int32_t target = ids[static_cast<size_t>(e - rows + i + 1)];
+        if (!base) {  // perplexity only
+          nll.push_back(token_nll(&lt[i * vocab], vocab, target));
+          continue;
+        }
         const TokenComparison c = compare_next_token(&lb[i * vocab], &lt[i * vocab], vocab, target);
         nll.push_back(c.nll_test);
         base_nll.push_back(c.nll_base);
@@ -128,6 +134,7 @@ PerplexityResult evaluate_perplexity(Model& test, Model* base, const std::vector
       }
     }
     const auto window_mean = [&](const std::vector<double>& v) {
+      if (v.size() <= before) return 0.0;  // not compared
       double s = 0;
       for (size_t i = before; i < v.size(); ++i) s += v[i];
       return s / static_cast<double>(v.size() - before);
