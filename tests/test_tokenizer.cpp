@@ -7,6 +7,7 @@
 #include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -232,6 +233,28 @@ TEST(Tokenizer, EncodeLargeTextFast) {
     double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     EXPECT_LT(secs, 1.0) << name;
     EXPECT_EQ(tok.decode(ids), text) << name;
+  }
+}
+
+// Bytes that are not UTF-8 (a binary file, Latin-1 text) encode as their lossy conversion, on
+// every tokenizer kind; random bytes (NULs, lone continuation bytes, truncated and overlong
+// sequences) crashed the byte-level pre-tokenizer before.
+TEST(Tokenizer, InvalidUtf8EncodesAsItsLossyConversion) {
+  for (const auto* name : {"bytelevel", "bytelevel_chatml", "sentencepiece", "sentencepiece_added",
+                           "sentencepiece_json", "sentencepiece_metaspace"}) {
+    const auto& tok = tokenizer(name);
+    EXPECT_EQ(tok.encode("caf\xE9 au lait", false),
+              tok.encode("caf\xEF\xBF\xBD au lait", false))  // Latin-1 e-acute -> U+FFFD
+        << name;
+    std::mt19937 rng(17);
+    for (int trial = 0; trial < 40; ++trial) {
+      std::string bytes(1 + static_cast<size_t>(rng() % 3000), '\0');
+      for (auto& c : bytes) c = static_cast<char>(rng() % 256);
+      bytes[rng() % bytes.size()] = '\xFF';  // never valid UTF-8
+      ASSERT_FALSE(duo::utf8::is_valid(bytes));
+      EXPECT_EQ(tok.encode(bytes, false), tok.encode(duo::utf8::lossy(bytes), false))
+          << name << ", trial " << trial;
+    }
   }
 }
 

@@ -980,6 +980,14 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const fs::path& model_dir) {
 
 std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special_tokens) const {
   const auto& t = *impl_;
+  // Bytes that are not UTF-8 (a binary file, Latin-1 text) become U+FFFD first, one per maximal
+  // invalid subpart (what a Python caller's decode(errors="replace") hands HF); the pre-tokenizer
+  // regex runs without PCRE2's own UTF check, which invalid input would turn into a crash.
+  std::string repaired;
+  if (!utf8::is_valid(text)) {
+    repaired = utf8::lossy(text);
+    text = repaired;
+  }
   std::vector<int32_t> out;
   out.reserve(text.size() / 3 + 4);
   if (add_special_tokens) out.insert(out.end(), t.prefix_ids.begin(), t.prefix_ids.end());

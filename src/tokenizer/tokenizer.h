@@ -50,7 +50,8 @@ class Tokenizer {
 
   // HF `tokenizer.encode(text, add_special_tokens=...)`: added/special tokens written literally in
   // the text map to their ids; add_special_tokens adds what the post-processor (or add_bos_token /
-  // add_eos_token for tokenizer.model) adds, e.g. BOS.
+  // add_eos_token for tokenizer.model) adds, e.g. BOS. Text that is not valid UTF-8 is encoded as
+  // its lossy conversion (utf8::lossy: U+FFFD per invalid maximal subpart).
   std::vector<int32_t> encode(std::string_view text, bool add_special_tokens = true) const;
 
   // HF `tokenizer.decode(ids, skip_special_tokens=...)`. Throws duo::Error for ids outside
