@@ -78,6 +78,20 @@ TEST(MultiPasskey, QaStyleUsesTheDemoModelsFormat) {
             std::string::npos);
   o.num_passkeys = 5;
   EXPECT_THROW(make_multi_passkey_sample(*tok, hay, o, rng), Error);
+  // Too few token depths for distinct passkeys: an error (this looped forever before). 4 passkeys
+  // at depths 0.05..0.95 need 2 x 4 / 0.9 -> 9 tokens.
+  o.num_passkeys = 4;
+  o.haystack_tokens = 8;
+  try {
+    make_multi_passkey_sample(*tok, hay, o, rng);
+    ADD_FAILURE() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("too short for 4 passkeys"), std::string::npos)
+        << e.what();
+    EXPECT_NE(std::string(e.what()).find("need at least 9 tokens"), std::string::npos) << e.what();
+  }
+  o.haystack_tokens = 9;
+  EXPECT_EQ(make_multi_passkey_sample(*tok, hay, o, rng).passkeys.size(), 4u);
 }
 
 // The probe's long-range mass equals the softmax mass outside the window, computed directly.

@@ -7,6 +7,7 @@
 #include "core/error.h"
 #include "core/file_util.h"
 #include "engine/model.h"
+#include "engine/rope.h"
 #include "model/config.h"
 #include "model/safetensors.h"
 #include "test_util.h"
@@ -99,12 +100,67 @@ TEST(Config, BadInput) {
   j = base_config();
   j["hidden_act"] = "gelu";
   expect_error([&] { ModelConfig::from_json(j, "config.json"); }, {"hidden_act", "silu"});
+  // Sizes beyond any checkpoint, which used to wrap the size arithmetic (2^62 layers: a crash;
+  // 2^31 heads: a hang), and values that are finite in double but not in the fp32 kernels.
+  for (const char* key : {"num_hidden_layers", "num_attention_heads", "vocab_size", "hidden_size",
+                          "intermediate_size", "max_position_embeddings"}) {
+    j = base_config();
+    j[key] = int64_t{1} << 62;
+    expect_error([&] { ModelConfig::from_json(j, "config.json"); }, {key, "beyond duo's limit"});
+  }
+  j = base_config();
+  j["rms_norm_eps"] = 1e300;
+  expect_error([&] { ModelConfig::from_json(j, "config.json"); }, {"rms_norm_eps", "(0, 1)"});
+  j = base_config();
+  j["rope_parameters"]["rope_theta"] = 1e-300;
+  expect_error([&] { ModelConfig::from_json(j, "config.json"); }, {"rope_theta", "[1, 1e30)"});
+  // Scaling parameters that are each valid but give NaN frequencies (yarn with beta_fast 0).
+  j = base_config();
+  j["rope_parameters"] = {{"rope_type", "yarn"},
+                          {"rope_theta", 10000.0},
+                          {"factor", 4.0},
+                          {"beta_fast", 0},
+                          {"original_max_position_embeddings", 64}};
+  const ModelConfig yarn = ModelConfig::from_json(j, "config.json");
+  expect_error([&] { RopeState r(yarn); }, {"rope:", "frequency", "nan"});
   expect_error([] { ModelConfig::load("/nonexistent/model"); },
                {"/nonexistent/model", "not found"});
   TempDir t("cfg");
   expect_error([&] { ModelConfig::load(t.path()); }, {"config.json", "not found"});
   write_file(t / "config.json", "{\"model_type\": \"llama\", ");
-  expect_error([&] { ModelConfig::load(t.path()); }, {"config.json", "invalid JSON"});
+  expect_error(
+      [&] { ModelConfig::load(t.path()); },
+      {"config.json", "invalid JSON"});  // A document nested deeper than any config (copying it
+                                         // recursed until the stack overflowed).
+  std::string deep = "{\"model_type\": \"llama\", \"x\": ";
+  for (int i = 0; i < 20000; ++i) deep += "[";
+  for (int i = 0; i < 20000; ++i) deep += "]";
+  write_file(t / "config.json", deep + "}");
+  expect_error([&] { ModelConfig::load(t.path()); }, {"config.json", "nested deeper than 256"});
+}
+
+// Caches the engine cannot serve exactly: beyond 2^31 tokens (the size arithmetic wrapped before),
+// and beyond a Mistral sliding window, which duo does not implement (it ran full attention there
+// and answered differently from the model without a word).
+TEST(Model, RefusesCachesItCannotServe) {
+  auto be = make_cpu_backend(CpuMode::kReference);
+  const auto dir = fixture("models/mistral_gqa");
+  const ModelConfig plain = ModelConfig::load(dir);
+  Model m(dir, *be, HeadLayout::all_retrieval(plain));
+  expect_error([&] { m.make_cache(int64_t{1} << 58, 0, 0, StreamingPrefill::kExact); },
+               {"beyond duo's limit of 2147483648"});
+  TempDir t("swa");
+  std::filesystem::copy(
+      dir, t.path(),
+      std::filesystem::copy_options::recursive | std::filesystem::copy_options::overwrite_existing);
+  auto j = read_json_file(dir / "config.json");
+  j["sliding_window"] = 16;
+  write_file(t / "config.json", j.dump());
+  const ModelConfig swa = ModelConfig::load(t.path());
+  Model w(t.path(), *be, HeadLayout::all_retrieval(swa));
+  EXPECT_NO_THROW(w.make_cache(16, 0, 0, StreamingPrefill::kExact));
+  expect_error([&] { w.make_cache(17, 0, 0, StreamingPrefill::kExact); },
+               {"sliding-window attention over 16 tokens", "got 17"});
 }
 
 // A model dir whose weights we can corrupt: config of llama_mha_linear + a copy of its weights.

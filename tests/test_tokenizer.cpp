@@ -335,6 +335,24 @@ TEST(TokenizerErrors, BadMerge) {
   expect_error([&] { duo::Tokenizer::load(d.path()); }, {"tokenizer.json", "model.merges[0]"});
 }
 
+// Ids that index the tables must be in range (a negative added-token id corrupted the heap), and a
+// Metaspace pre-tokenizer needs a replacement (an empty one looped forever).
+TEST(TokenizerErrors, BadIdsAndEmptyMetaspaceReplacement) {
+  TempDir d;
+  d.write("tokenizer.json", R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
+      "added_tokens": [{"id": -1, "content": "<x>", "special": true}]})");
+  expect_error([&] { duo::Tokenizer::load(d.path()); },
+               {"tokenizer.json", "added_tokens[].id", "-1 is outside"});
+  d.write("tokenizer.json", R"({"model": {"type": "BPE", "vocab": {"a": 1099511627776},
+      "merges": []}})");
+  expect_error([&] { duo::Tokenizer::load(d.path()); },
+               {"tokenizer.json", "model.vocab[\"a\"]", "outside"});
+  d.write("tokenizer.json", R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
+      "pre_tokenizer": {"type": "Metaspace", "replacement": "", "prepend_scheme": "always"}})");
+  expect_error([&] { duo::Tokenizer::load(d.path()); },
+               {"tokenizer.json", "Metaspace", "empty 'replacement'"});
+}
+
 TEST(TokenizerErrors, DecodeOutOfRange) {
   for (const auto* name : {"bytelevel", "sentencepiece"}) {
     const auto& tok = tokenizer(name);

@@ -66,9 +66,15 @@ void run_bench(const BenchArgs& a) {
         "give either -m DIR or --random-weights --config FILE");
   check(!a.random_weights || !a.config_file.empty(), "--random-weights needs --config FILE");
   check(a.chunk > 0, "--chunk must be positive, got ", a.chunk);
-  check(a.decode_steps >= 1, "--decode-steps must be >= 1, got ", a.decode_steps);
-  check(a.warmup_steps >= 0, "--warmup-steps must be >= 0");
+  constexpr int64_t kMaxSteps = 1000000;
+  check(a.decode_steps >= 1 && a.decode_steps <= kMaxSteps, "--decode-steps must be in [1, ",
+        kMaxSteps, "], got ", a.decode_steps);
+  check(a.warmup_steps >= 0 && a.warmup_steps <= kMaxSteps, "--warmup-steps must be in [0, ",
+        kMaxSteps, "], got ", a.warmup_steps);
   const std::vector<int64_t> contexts = parse_positive_int_list("--contexts", a.contexts);
+  for (const int64_t N : contexts)
+    check(N <= kMaxContext, "--contexts: ", N, " is beyond duo's limit of ", kMaxContext,
+          " tokens");
 
   const ModelConfig cfg = a.random_weights
                               ? ModelConfig::from_json(read_json_file(a.config_file), a.config_file)

@@ -127,6 +127,7 @@ void identify_profile(const IdentifyArgs& a) {
         "--profile-contexts: give either -m DIR or --random-weights --config FILE");
   check(!a.random_weights || !a.config_file.empty(), "--random-weights needs --config FILE");
   check(a.profile_steps >= 1, "--profile-steps must be >= 1");
+  check(a.ctx_max <= kMaxContext, "--ctx-max must be at most ", kMaxContext, ", got ", a.ctx_max);
   check(a.ctx_min > 0 && a.ctx_max >= a.ctx_min, "--ctx-min/--ctx-max: need 0 < min <= max");
   const std::vector<int64_t> contexts =
       parse_positive_int_list("--profile-contexts", a.profile_contexts);
@@ -320,6 +321,7 @@ void identify_gate(const IdentifyArgs& a) {
 void identify_heuristic(const IdentifyArgs& a) {
   const ModelConfig cfg = ModelConfig::load(a.model_dir);
   check(a.samples >= 1, "--samples must be >= 1");
+  check(a.ctx_max <= kMaxContext, "--ctx-max must be at most ", kMaxContext, ", got ", a.ctx_max);
   check(a.ctx_min > 0 && a.ctx_max >= a.ctx_min, "--ctx-min/--ctx-max: need 0 < min <= max, got ",
         a.ctx_min, " and ", a.ctx_max);
   check(a.sink >= 0 && a.recent >= 0, "--sink and --recent must be >= 0");

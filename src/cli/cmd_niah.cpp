@@ -47,9 +47,11 @@ void run(const NiahArgs& a) {
   check(!a.kv_pairs_set || a.task == "kv", "--kv-pairs applies to --task kv only");
   check(a.kv_pairs >= 1 && a.kv_pairs <= 256, "--kv-pairs must be in [1, 256], got ", a.kv_pairs);
   check(!a.lengths.empty() && !a.depths.empty(), "--lengths and --depths need at least one value");
-  for (int64_t L : a.lengths) check(L > 0, "--lengths must be positive, got ", L);
+  for (int64_t L : a.lengths)
+    check(L > 0 && L <= kMaxContext, "--lengths must be in [1, ", kMaxContext, "], got ", L);
   for (double d : a.depths) check(d >= 0 && d <= 100, "--depths must be in [0, 100], got ", d);
-  check(a.max_answer > 0, "--max-answer must be positive");
+  check(a.max_answer > 0 && a.max_answer <= kMaxContext, "--max-answer must be in [1, ",
+        kMaxContext, "], got ", a.max_answer);
   auto tok = Tokenizer::load(a.model_dir);
   const int64_t longest = *std::max_element(a.lengths.begin(), a.lengths.end());
   const std::vector<int32_t> hay = haystack_tokens(*tok, a.haystack, longest);

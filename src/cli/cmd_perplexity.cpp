@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "cli/backend_choice.h"
 #include "cli/cli_util.h"
@@ -22,7 +23,7 @@ struct PerplexityArgs {
   std::string model_dir;
   std::string text;
   int64_t ctx = 4096;
-  int64_t score_from = -1;
+  std::optional<int64_t> score_from;
   int64_t windows = 0;
   int64_t chunk = 1024;
   bool kl = false;
@@ -39,12 +40,13 @@ void run(const PerplexityArgs& a) {
         "--kl-divergence compares a head pattern (--pattern or --streaming-only) with full "
         "attention; none was given");
   check(a.chunk > 0, "--chunk must be positive, got ", a.chunk);
+  check(a.ctx <= kMaxContext, "--ctx must be at most ", kMaxContext, ", got ", a.ctx);
   auto tok = Tokenizer::load(a.model_dir);
   const std::vector<int32_t> text = tok->encode(read_text_corpus(a.text), false);
   const std::vector<int32_t> prefix = tok->encode("", true);  // BOS, where the model has one
   PerplexityOptions o;
   o.ctx = a.ctx;
-  o.first_target = a.score_from < 0 ? a.ctx / 2 : a.score_from;
+  o.first_target = a.score_from.value_or(a.ctx / 2);
   o.max_windows = a.windows;
   o.chunk = a.chunk;
   o.sink = duo.sink;

@@ -44,7 +44,8 @@ void run(const RunArgs& a) {
   if (!a.prompt_file.empty()) text = read_text_file(a.prompt_file);
   if (!a.prompt.empty()) text += (text.empty() ? "" : "\n") + a.prompt;
   check(!text.empty(), "empty prompt: give -p TEXT or -f FILE with some text");
-  check(a.max_new >= 0, "-n must be >= 0, got ", a.max_new);
+  check(a.max_new >= 0 && a.max_new <= kMaxContext, "-n must be in [0, ", kMaxContext, "], got ",
+        a.max_new);
   check(a.chunk > 0, "--chunk must be positive, got ", a.chunk);
   SamplingParams sp{a.temperature, a.top_k, a.top_p, a.seed};
   validate(sp);
@@ -64,7 +65,8 @@ void run(const RunArgs& a) {
   check(!prompt.empty(), "empty prompt after tokenization");
   const int64_t n = static_cast<int64_t>(prompt.size());
   const int64_t ctx = a.context.value_or(n + a.max_new);
-  check(ctx > 0, "-c must be positive, got ", ctx);
+  check(ctx > 0 && ctx <= kMaxContext, "-c must be in [1, ", kMaxContext,
+        "] (duo's limit of 2^31 tokens), got ", ctx);
   check(n <= ctx, "prompt is ", n, " tokens, longer than the context length -c ", ctx);
   check(n + a.max_new <= ctx, "prompt (", n, " tokens) + -n ", a.max_new,
         " exceeds the context length -c ", ctx, " (raise -c or lower -n)");

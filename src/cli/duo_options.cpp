@@ -38,8 +38,12 @@ ResolvedDuo resolve(const DuoOptions& o, const ModelConfig& c, const std::string
           "--sparsity must be in [0, 1], got ", *o.sparsity);
   }
   if (o.threshold) check(std::isfinite(*o.threshold), "--threshold must be a finite number");
-  if (o.sink) check(*o.sink >= 0, "--sink must be >= 0, got ", *o.sink);
-  if (o.recent) check(*o.recent >= 0, "--recent must be >= 0, got ", *o.recent);
+  if (o.sink)
+    check(*o.sink >= 0 && *o.sink <= kMaxContext, "--sink must be in [0, ", kMaxContext, "], got ",
+          *o.sink);
+  if (o.recent)
+    check(*o.recent >= 0 && *o.recent <= kMaxContext, "--recent must be in [0, ", kMaxContext,
+          "], got ", *o.recent);
   r.prefill = o.streaming_prefill == "chunk" ? StreamingPrefill::kChunk : StreamingPrefill::kExact;
   r.sink = o.sink.value_or(o.default_sink);
   r.recent = o.recent.value_or(o.default_recent);

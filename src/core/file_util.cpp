@@ -21,6 +21,8 @@ std::string read_text_file(const std::filesystem::path& path) {
   check(std::filesystem::exists(path, ec), path.string(), ": file not found");
   check(!std::filesystem::is_directory(path, ec), path.string(),
         ": expected a file, found a directory");
+  // A device or FIFO (/dev/zero, a pipe) would be read without end.
+  check(std::filesystem::is_regular_file(path, ec), path.string(), ": not a regular file");
   std::ifstream in(path, std::ios::binary);
   check(in.good(), path.string(), ": cannot open for reading");
   std::ostringstream os;
@@ -44,8 +46,15 @@ std::string read_text_corpus(const std::filesystem::path& path) {
 
 nlohmann::json read_json_file(const std::filesystem::path& path) {
   std::string text = read_text_file(path);
+  // Deeper documents are rejected while parsing: copying or printing one recurses per level and
+  // would overflow the stack (no real config or tokenizer nests more than a few levels).
+  constexpr int kMaxDepth = 256;
+  const auto depth_limit = [&](int depth, nlohmann::json::parse_event_t, nlohmann::json&) {
+    check(depth <= kMaxDepth, path.string(), ": JSON nested deeper than ", kMaxDepth, " levels");
+    return true;
+  };
   try {
-    return nlohmann::json::parse(text);
+    return nlohmann::json::parse(text, depth_limit);
   } catch (const nlohmann::json::parse_error& e) {
     fail(path.string(), ": invalid JSON (", e.what(), ")");
   }

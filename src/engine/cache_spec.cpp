@@ -1,11 +1,16 @@
 #include "core/error.h"
 #include "engine/backend.h"
+#include "model/config.h"
 
 namespace duo {
 
 void validate_cache_spec(const CacheSpec& spec) {
   check(spec.num_layers > 0 && spec.num_kv_heads > 0 && spec.head_dim > 0 && spec.capacity > 0,
         "kv cache: layers, KV heads, head_dim and capacity must be positive");
+  check(spec.capacity <= kMaxContext, "context of ", spec.capacity,
+        " tokens is beyond duo's limit of ", kMaxContext, " (2^31)");
+  check(spec.sink <= kMaxContext && spec.recent <= kMaxContext, "kv cache: sink (", spec.sink,
+        ") and recent (", spec.recent, ") must be at most ", kMaxContext);
   check(static_cast<int64_t>(spec.num_retrieval.size()) == spec.num_layers,
         "kv cache: num_retrieval has ", spec.num_retrieval.size(), " entries, expected ",
         spec.num_layers);

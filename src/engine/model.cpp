@@ -198,6 +198,13 @@ void Model::set_weight_views(LayerWeights& w) {
 
 std::unique_ptr<KVCache> Model::make_cache(int64_t capacity, int64_t sink, int64_t recent,
                                            StreamingPrefill prefill) const {
+  // Mistral v0.1 attends over a sliding window, which duo does not implement: within the window
+  // full attention is the same thing, beyond it the answers would silently differ.
+  check(!config_.sliding_window || capacity <= *config_.sliding_window,
+        "this model uses sliding-window attention over ", config_.sliding_window.value_or(0),
+        " tokens (config.json sliding_window), which duo does not implement: contexts up to that "
+        "length only, got ",
+        capacity);
   CacheSpec s;
   s.num_layers = config_.num_layers;
   s.num_kv_heads = config_.num_kv_heads;

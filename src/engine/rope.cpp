@@ -110,6 +110,15 @@ RopeFrequencies compute_rope_frequencies(const ModelConfig& c, int64_t seq_len) 
       break;
     }
   }
+  // Scaling parameters that pass the config checks one by one can still combine into NaN, zero
+  // or infinite frequencies (yarn beta_fast 0, a huge dynamic factor): every later number would
+  // be wrong, so refuse them here, the one place the frequencies are made.
+  for (const float f : out.inv_freq)
+    check(std::isfinite(f) && f >= 0, "rope: the config's rope parameters give a frequency of ", f,
+          " (rope_theta ", c.rope_theta, "): check rope_scaling / rope_parameters");
+  check(std::isfinite(out.attention_scaling) && out.attention_scaling > 0,
+        "rope: the config's rope parameters give an attention scaling of ", out.attention_scaling,
+        ": check rope_scaling / rope_parameters");
   return out;
 }
 

@@ -1,6 +1,7 @@
 #include "eval/multi_passkey.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "core/error.h"
 
@@ -40,6 +41,17 @@ PasskeySample make_multi_passkey_sample(const Tokenizer& tok, const std::vector<
   const int64_t start = static_cast<int64_t>(
       rng() % static_cast<uint64_t>(haystack.size() - opt.haystack_tokens + 1));
   const int64_t n = opt.haystack_tokens;
+  // The passkeys go at distinct token depths drawn from [min_depth, max_depth) x n: ask for room
+  // for twice as many, so that drawing them ends quickly.
+  check(opt.min_depth >= 0 && opt.max_depth <= 1 && opt.min_depth < opt.max_depth,
+        "passkeys: depths need 0 <= min < max <= 1, got ", opt.min_depth, " and ", opt.max_depth);
+  const double span = (opt.max_depth - opt.min_depth) * static_cast<double>(n);
+  check(span >= 2.0 * static_cast<double>(opt.num_passkeys), "passkeys: a haystack of ", n,
+        " tokens is too short for ", opt.num_passkeys, " passkeys at depths ", opt.min_depth, "..",
+        opt.max_depth, " (need at least ",
+        static_cast<int64_t>(std::ceil(2.0 * static_cast<double>(opt.num_passkeys) /
+                                       (opt.max_depth - opt.min_depth))),
+        " tokens; raise --ctx-min)");
   PasskeySample s;
   std::vector<int64_t> depths;
   std::uniform_real_distribution<double> u(opt.min_depth, opt.max_depth);

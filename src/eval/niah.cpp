@@ -187,6 +187,9 @@ double continuation_nll(Model& model, KVCache& cache, const std::vector<int32_t>
     for (int64_t i = 1; i < k; ++i)
       sum += token_nll(&logits[(i - 1) * vocab], vocab, continuation[i]);
   }
+  check(std::isfinite(sum),
+        "answer NLL: non-finite logits (the weights or config.json produce NaN "
+        "/ Inf)");
   return sum / static_cast<double>(k);
 }
 

@@ -122,11 +122,20 @@ PerplexityResult evaluate_perplexity(Model& test, Model* base, const std::vector
       if (base) lb = base->forward(part, *base_cache, rows);
       for (int64_t i = 0; i < rows; ++i) {
         const int32_t target = ids[static_cast<size_t>(e - rows + i + 1)];
+        // NaN / Inf logits (broken weights) would turn every mean into NaN without a word.
+        const auto finite = [&](double v, const char* which) {
+          check(std::isfinite(v), "perplexity: non-finite logits from the ", which,
+                " model at window ", w, " position ", e - rows + i,
+                ": the weights or config.json produce NaN / Inf");
+        };
         if (!base) {  // perplexity only
           nll.push_back(token_nll(&lt[i * vocab], vocab, target));
+          finite(nll.back(), "tested");
           continue;
         }
         const TokenComparison c = compare_next_token(&lb[i * vocab], &lt[i * vocab], vocab, target);
+        finite(c.nll_test + c.kl, "tested");
+        finite(c.nll_base, "full-attention");
         nll.push_back(c.nll_test);
         base_nll.push_back(c.nll_base);
         kl.push_back(c.kl);

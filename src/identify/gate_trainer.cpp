@@ -103,6 +103,7 @@ void validate(const GateTrainOptions& o) {
   check(o.steps >= 1, "--steps must be >= 1, got ", o.steps);
   check(std::isfinite(o.lr) && o.lr > 0, "--lr must be a positive number, got ", o.lr);
   check(std::isfinite(o.reg) && o.reg >= 0, "--reg must be >= 0, got ", o.reg);
+  check(o.ctx_max <= kMaxContext, "--ctx-max must be at most ", kMaxContext, ", got ", o.ctx_max);
   check(o.ctx_min > 0 && o.ctx_max >= o.ctx_min, "--ctx-min/--ctx-max: need 0 < min <= max, got ",
         o.ctx_min, " and ", o.ctx_max);
   check(o.sink >= 0 && o.recent >= 0, "--sink and --recent must be >= 0");

@@ -52,6 +52,16 @@ struct Reader {
   int64_t positive_or(const char* key, int64_t fallback) const {
     return has(key) ? positive(key) : fallback;
   }
+  // A positive integer no larger than `limit`: sizes beyond any real checkpoint would only
+  // overflow the size arithmetic downstream.
+  int64_t bounded(const char* key, int64_t limit) const {
+    const int64_t v = positive(key);
+    check(v <= limit, source, ": field '", key, "': ", v, " is beyond duo's limit of ", limit);
+    return v;
+  }
+  int64_t bounded_or(const char* key, int64_t fallback, int64_t limit) const {
+    return has(key) ? bounded(key, limit) : fallback;
+  }
   double number(const char* key) const {
     const json& v = get(key);
     check(v.is_number(), source, ": field '", key, "': expected a number, got ", v.dump());
@@ -156,26 +166,30 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
   c.model_type = rd.get("model_type").is_string() ? j.at("model_type").get<std::string>() : "";
   check(c.model_type == "llama" || c.model_type == "mistral" || c.model_type == "qwen2", source,
         ": unsupported model_type '", c.model_type, "' (expected llama, mistral or qwen2)");
-  c.hidden_size = rd.positive("hidden_size");
-  c.intermediate_size = rd.positive("intermediate_size");
-  c.num_layers = rd.positive("num_hidden_layers");
-  c.num_heads = rd.positive("num_attention_heads");
-  c.num_kv_heads = rd.positive_or("num_key_value_heads", c.num_heads);
+  c.hidden_size = rd.bounded("hidden_size", kMaxHidden);
+  c.intermediate_size = rd.bounded("intermediate_size", kMaxIntermediate);
+  c.num_layers = rd.bounded("num_hidden_layers", kMaxLayers);
+  c.num_heads = rd.bounded("num_attention_heads", kMaxHeads);
+  c.num_kv_heads = rd.bounded_or("num_key_value_heads", c.num_heads, kMaxHeads);
   check(c.num_heads % c.num_kv_heads == 0, source, ": num_attention_heads (", c.num_heads,
         ") must be a multiple of num_key_value_heads (", c.num_kv_heads, ")");
   if (rd.has("head_dim")) {
-    c.head_dim = rd.positive("head_dim");
+    c.head_dim = rd.bounded("head_dim", kMaxHeadDim);
   } else {
     check(c.hidden_size % c.num_heads == 0, source, ": hidden_size (", c.hidden_size,
           ") is not divisible by num_attention_heads (", c.num_heads,
           ") and head_dim is not given");
     c.head_dim = c.hidden_size / c.num_heads;
+    check(c.head_dim <= kMaxHeadDim, source, ": head_dim ", c.head_dim,
+          " (hidden_size / num_attention_heads) is beyond duo's limit of ", kMaxHeadDim);
   }
   check(c.head_dim % 2 == 0, source, ": head_dim must be even for RoPE, got ", c.head_dim);
-  c.vocab_size = rd.positive("vocab_size");
-  c.max_position_embeddings = rd.positive("max_position_embeddings");
+  c.vocab_size = rd.bounded("vocab_size", kMaxVocab);
+  c.max_position_embeddings = rd.bounded("max_position_embeddings", kMaxContext);
   c.rms_norm_eps = rd.number("rms_norm_eps");
-  check(c.rms_norm_eps > 0, source, ": field 'rms_norm_eps': expected > 0");
+  // The kernels use it in fp32: 1e300 would be inf there, 1e-300 zero.
+  check(c.rms_norm_eps > 0 && c.rms_norm_eps < 1, source,
+        ": field 'rms_norm_eps': expected a number in (0, 1), got ", c.rms_norm_eps);
 
   // transformers 5 writes rope_parameters (with rope_theta inside); older files rope_theta +
   // rope_scaling. Accept both; rope_parameters wins when both are present.
@@ -194,7 +208,8 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
           parse_rope(j.at("rope_scaling"), source + ": rope_scaling", c.max_position_embeddings);
     }
   }
-  check(c.rope_theta > 0, source, ": rope_theta must be > 0");
+  check(c.rope_theta >= 1 && c.rope_theta < 1e30, source, ": rope_theta must be in [1, 1e30), got ",
+        c.rope_theta);
 
   c.tie_word_embeddings = rd.boolean_or("tie_word_embeddings", false);
   if (c.model_type == "qwen2") {
@@ -206,7 +221,7 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
     c.mlp_bias = rd.boolean_or("mlp_bias", false);
   }
   if (c.model_type == "mistral" && rd.has("sliding_window")) {
-    c.sliding_window = rd.positive("sliding_window");
+    c.sliding_window = rd.bounded("sliding_window", kMaxContext);
   }
   if (rd.has("hidden_act")) {
     std::string act = j.at("hidden_act").is_string() ? j.at("hidden_act").get<std::string>() : "";

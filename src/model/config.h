@@ -32,6 +32,17 @@ struct RopeScaling {
   bool truncate = true;
 };
 
+// Limits on config.json sizes, far above any released checkpoint; beyond them the size arithmetic
+// (KV bytes, weight shapes, head orders) would overflow or exhaust memory before any check.
+constexpr int64_t kMaxHidden = int64_t{1} << 17;
+constexpr int64_t kMaxIntermediate = int64_t{1} << 20;
+constexpr int64_t kMaxLayers = 1024;
+constexpr int64_t kMaxHeads = 1024;
+constexpr int64_t kMaxHeadDim = 1024;
+constexpr int64_t kMaxVocab = int64_t{1} << 24;
+// Longest context (KV cache capacity, max_position_embeddings) duo accepts: 2^31 tokens.
+constexpr int64_t kMaxContext = int64_t{1} << 31;
+
 struct ModelConfig {
   std::string model_type;  // "llama", "mistral" or "qwen2"
   int64_t hidden_size = 0;

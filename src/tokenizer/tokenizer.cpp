@@ -13,6 +13,7 @@
 
 #include "core/error.h"
 #include "core/file_util.h"
+#include "model/config.h"  // kMaxVocab
 #include "tokenizer/bpe.h"
 #include "tokenizer/unicode_nfc.h"
 #include "tokenizer/utf8.h"
@@ -670,6 +671,7 @@ void parse_pre_tokenizer(const json& j, const std::string& where, TokenizerImpl&
   } else if (type == "Metaspace") {
     PreTokenizer p(PreTokenizer::kMetaspace);
     p.replacement = j.value("replacement", std::string("\u2581"));
+    check(!p.replacement.empty(), where, ": Metaspace pre-tokenizer: empty 'replacement'");
     std::string scheme = j.value("prepend_scheme", std::string(""));
     if (scheme.empty()) scheme = j.value("add_prefix_space", true) ? "always" : "never";
     if (scheme == "always") {
@@ -774,6 +776,16 @@ void parse_post_processor(const json& j, const std::string& where, TokenizerImpl
   }
 }
 
+// A token id from tokenizer.json: an integer in [0, kMaxVocab) (the ids index the tables).
+int32_t token_id(const json& v, const std::string& where, const std::string& field) {
+  check(v.is_number_integer(), where, ": field '", field, "': expected an integer id, got ",
+        v.dump());
+  const int64_t id = v.get<int64_t>();
+  check(id >= 0 && id < kMaxVocab, where, ": field '", field, "': token id ", id,
+        " is outside [0, ", kMaxVocab, ")");
+  return static_cast<int32_t>(id);
+}
+
 void load_tokenizer_json(const fs::path& path, TokenizerImpl& t) {
   const std::string where = path.string();
   json j = read_json_file(path);
@@ -806,7 +818,7 @@ void load_tokenizer_json(const fs::path& path, TokenizerImpl& t) {
   for (auto it = m["vocab"].begin(); it != m["vocab"].end(); ++it) {
     check(it.value().is_number_integer(), where, ": field 'model.vocab[\"", it.key(),
           "\"]': expected an integer id");
-    int32_t id = it.value().get<int32_t>();
+    const int32_t id = token_id(it.value(), where, "model.vocab[\"" + it.key() + "\"]");
     vocab.emplace(it.key(), id);
     t.set_token(id, it.key());
   }
@@ -839,7 +851,8 @@ void load_tokenizer_json(const fs::path& path, TokenizerImpl& t) {
       check(a.contains("id") && a.contains("content"), where,
             ": field 'added_tokens': each entry needs 'id' and 'content'");
       const bool special = a.value("special", false);
-      AddedToken tok{a["id"].get<int32_t>(),
+      check(a["content"].is_string(), where, ": field 'added_tokens': 'content' must be a string");
+      AddedToken tok{token_id(a["id"], where, "added_tokens[].id"),
                      a["content"].get<std::string>(),
                      special,
                      a.value("lstrip", false),
