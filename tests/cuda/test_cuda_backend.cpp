@@ -46,6 +46,7 @@
 #include "duo/head_pattern.h"
 #include "engine/model.h"
 #include "engine/random_fill.h"
+#include "model/config.h"
 #include "model/safetensors.h"
 
 namespace duo {
@@ -463,7 +464,15 @@ TEST_F(CudaOps, CacheBytesEqualFormulaAndOomIsAClearError) {
   EXPECT_GE(gpu->device_memory_peak(), before);
   cache.reset();
   EXPECT_EQ(gpu->device_memory_in_use(), before - duo_kv_bytes(p, 1000, 64, 2, 16, 64));
-  s.capacity = int64_t{1} << 40;  // 1T tokens: far beyond any card
+  s.capacity = kMaxContext + 1;  // beyond duo's context limit: refused before any allocation
+  try {
+    gpu->create_cache(s);
+    FAIL() << "expected the context-limit error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("beyond duo's limit"), std::string::npos) << e.what();
+  }
+  s.capacity =
+      kMaxContext;  // 2^31 tokens: 3.3 TB of KV for these 6 retrieval heads, beyond any card
   try {
     gpu->create_cache(s);
     FAIL() << "expected an out-of-memory error";
