@@ -98,6 +98,10 @@ TEST(Config, BadInput) {
   j["rope_parameters"]["rope_type"] = "longrope";
   expect_error([&] { ModelConfig::from_json(j, "config.json"); }, {"rope", "longrope"});
   j = base_config();
+  j["rope_parameters"]["rope_type"] = 5;  // wrong JSON type deep inside: the file is named
+  expect_error([&] { ModelConfig::from_json(j, "config.json"); },
+               {"config.json", "unexpected structure"});
+  j = base_config();
   j["hidden_act"] = "gelu";
   expect_error([&] { ModelConfig::from_json(j, "config.json"); }, {"hidden_act", "silu"});
   // Sizes beyond any checkpoint, which used to wrap the size arithmetic (2^62 layers: a crash;
@@ -241,6 +245,22 @@ TEST(Safetensors, WrongDtype) {
   make_model_dir(t,
                  edit_header([](nlohmann::json& h) { h["model.norm.weight"]["dtype"] = "F32"; }));
   expect_error([&] { load(t); }, {"model.norm.weight", "bytes"});
+}
+
+// Extra tensors are fine, but not ones whose byte count wraps 64 bits ([2^62, 4] of 0 bytes passed
+// as empty) or that share bytes with another tensor.
+TEST(Safetensors, OverflowingShapeAndOverlapAreErrors) {
+  TempDir t("st_overflow");
+  make_model_dir(t, edit_header([](nlohmann::json& h) {
+                   h["extra"] = {{"dtype", "BF16"},
+                                 {"shape", {int64_t{1} << 62, 4}},
+                                 {"data_offsets", {0, 0}}};
+                 }));
+  expect_error([&] { load(t); }, {"tensor 'extra'", "does not fit in 64-bit"});
+  make_model_dir(t, edit_header([](nlohmann::json& h) {
+                   h["extra"] = h["model.norm.weight"];  // the same bytes under a second name
+                 }));
+  expect_error([&] { load(t); }, {"model.safetensors", "overlap"});
 }
 
 TEST(Safetensors, MissingTensorAndFiles) {

@@ -159,7 +159,9 @@ int64_t ModelConfig::parameter_count() const {
   return num_layers * per_layer + hidden_size + emb * (tie_word_embeddings ? 1 : 2);
 }
 
-ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
+namespace {
+
+ModelConfig parse_config(const json& j, const std::string& source) {
   check(j.is_object(), source, ": expected a JSON object at the top level");
   Reader rd{j, source};
   ModelConfig c;
@@ -241,6 +243,16 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
     c.torch_dtype = j.at("dtype").get<std::string>();
   }
   return c;
+}
+
+}  // namespace
+
+ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
+  try {
+    return parse_config(j, source);
+  } catch (const nlohmann::json::exception& e) {  // a nested field of the wrong JSON type
+    fail(source, ": unexpected structure (", e.what(), ")");
+  }
 }
 
 ModelConfig ModelConfig::load(const std::filesystem::path& model_dir) {

@@ -1,10 +1,13 @@
 #include "model/safetensors.h"
 
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
+#include <tuple>
+#include <vector>
 
 #include "core/error.h"
 
@@ -104,6 +107,7 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : file_(path
   check(header.is_object(), where, ": corrupt safetensors header: expected a JSON object");
   const unsigned char* data_start = file_.data() + 8 + header_len;
   const uint64_t data_size = size - 8 - header_len;
+  std::vector<std::tuple<uint64_t, uint64_t, std::string>> spans;  // [begin, end), name
   for (auto it = header.begin(); it != header.end(); ++it) {
     if (it.key() == "__metadata__") continue;
     const std::string tw = where + ": tensor '" + it.key() + "'";
@@ -134,12 +138,23 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : file_(path
     uint64_t begin = off[0].get<uint64_t>(), end = off[1].get<uint64_t>();
     check(begin <= end && end <= data_size, tw, ": data_offsets [", begin, ", ", end,
           "] fall outside the data section of ", data_size, " bytes (truncated file?)");
-    uint64_t expected = static_cast<uint64_t>(t.numel()) * weight_dtype_bytes(t.dtype);
+    // Element count and bytes without wrapping ([2^62, 4] must not pass as 0 bytes).
+    uint64_t expected = weight_dtype_bytes(t.dtype);
+    for (int64_t d : t.shape)
+      check(!__builtin_mul_overflow(expected, static_cast<uint64_t>(d), &expected), tw,
+            ": shape ", t.shape_string(), " of ", dt, " does not fit in 64-bit byte counts");
     check(end - begin == expected, tw, ": holds ", end - begin, " bytes but shape ",
           t.shape_string(), " of ", dt, " needs ", expected);
     t.data = data_start + begin;
+    spans.emplace_back(begin, end, t.name);
     tensors_.emplace(t.name, std::move(t));
   }
+  // Tensors may not share bytes (the format lays them out one after another).
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 1; i < spans.size(); ++i)
+    check(std::get<0>(spans[i]) >= std::get<1>(spans[i - 1]), where, ": tensors '",
+          std::get<2>(spans[i - 1]), "' and '", std::get<2>(spans[i]),
+          "' overlap in the data section");
 }
 
 WeightStore WeightStore::open(const std::filesystem::path& model_dir) {

@@ -930,7 +930,11 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const fs::path& model_dir) {
   if (fs::exists(model_dir / "tokenizer.json", ec)) {
     impl->source = "tokenizer.json";
     impl->source_path = model_dir / "tokenizer.json";
-    load_tokenizer_json(impl->source_path, *impl);
+    try {
+      load_tokenizer_json(impl->source_path, *impl);
+    } catch (const nlohmann::json::exception& e) {  // a field of the wrong JSON type
+      fail(impl->source_path.string(), ": unexpected structure (", e.what(), ")");
+    }
   } else if (fs::exists(model_dir / "tokenizer.model", ec)) {
     impl->source = "tokenizer.model";
     impl->source_path = model_dir / "tokenizer.model";
