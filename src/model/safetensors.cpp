@@ -141,8 +141,8 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : file_(path
     // Element count and bytes without wrapping ([2^62, 4] must not pass as 0 bytes).
     uint64_t expected = weight_dtype_bytes(t.dtype);
     for (int64_t d : t.shape)
-      check(!__builtin_mul_overflow(expected, static_cast<uint64_t>(d), &expected), tw,
-            ": shape ", t.shape_string(), " of ", dt, " does not fit in 64-bit byte counts");
+      check(!__builtin_mul_overflow(expected, static_cast<uint64_t>(d), &expected), tw, ": shape ",
+            t.shape_string(), " of ", dt, " does not fit in 64-bit byte counts");
     check(end - begin == expected, tw, ": holds ", end - begin, " bytes but shape ",
           t.shape_string(), " of ", dt, " needs ", expected);
     t.data = data_start + begin;
