@@ -263,6 +263,27 @@ TEST(Safetensors, OverflowingShapeAndOverlapAreErrors) {
   expect_error([&] { load(t); }, {"model.safetensors", "overlap"});
 }
 
+// A NaN or Inf weight is refused at load, naming the tensor (generation silently produced token 0
+// at every step before).
+TEST(Safetensors, NonFiniteWeightIsAnError) {
+  TempDir t("st_nan");
+  const std::string w = fixture_weights();
+  uint64_t n;
+  std::memcpy(&n, w.data(), 8);
+  const auto h = nlohmann::json::parse(w.substr(8, n));
+  const auto& e = h["model.norm.weight"];
+  ASSERT_EQ(e["dtype"], "BF16");
+  const size_t at = 8 + n + e["data_offsets"][0].get<size_t>() + 2 * 5;  // element 5
+  for (const uint16_t bits : {uint16_t{0x7fc0}, uint16_t{0xff80}}) {     // NaN, -Inf
+    std::string bad = w;
+    std::memcpy(bad.data() + at, &bits, 2);
+    make_model_dir(t, bad);
+    expect_error([&] { load(t); }, {"model.safetensors", "model.norm.weight", "element 5"});
+  }
+  make_model_dir(t, w);
+  EXPECT_NO_THROW(load(t));
+}
+
 TEST(Safetensors, MissingTensorAndFiles) {
   TempDir t("st_missing");
   make_model_dir(t, edit_header([](nlohmann::json& h) {

@@ -1,6 +1,7 @@
 #include "model/safetensors.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -238,6 +239,16 @@ std::vector<float> WeightStore::load_f32(const std::string& name,
         out[i] = f16_to_f32(v);
       }
       break;
+  }
+  // A NaN or Inf weight poisons every output (greedy decoding then picks token 0 forever): refuse
+  // the checkpoint here, where every weight passes once. Branch-free so the pass vectorises.
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) finite &= std::fabs(out[i]) <= std::numeric_limits<float>::max();
+  if (!finite) {
+    int64_t i = 0;
+    while (std::fabs(out[i]) <= std::numeric_limits<float>::max()) ++i;
+    fail(index_.at(name).first->path().string(), ": tensor '", name, "' holds ", out[i],
+         " at element ", i, ": the checkpoint is corrupt");
   }
   return out;
 }
