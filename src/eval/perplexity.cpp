@@ -102,6 +102,11 @@ PerplexityResult evaluate_perplexity(Model& test, Model* base, const std::vector
   const int64_t vocab = test.config().vocab_size;
   check(base == nullptr || base->config().vocab_size == vocab,
         "perplexity: base and test models differ in vocabulary");
+  // NaN / Inf logits (broken weights or rope settings) would make every mean NaN without a word.
+  const auto finite = [](double v, const char* which, int64_t window, int64_t position) {
+    check(std::isfinite(v), "perplexity: non-finite logits from the ", which, " model at window ",
+          window, " position ", position, ": the weights or config.json produce NaN / Inf");
+  };
   std::vector<double> nll, base_nll, kl, same;
   std::vector<int32_t> ids(static_cast<size_t>(p.ctx));
   for (int64_t w = 0; w < p.windows; ++w) {
@@ -122,20 +127,14 @@ PerplexityResult evaluate_perplexity(Model& test, Model* base, const std::vector
       if (base) lb = base->forward(part, *base_cache, rows);
       for (int64_t i = 0; i < rows; ++i) {
         const int32_t target = ids[static_cast<size_t>(e - rows + i + 1)];
-        // NaN / Inf logits (broken weights) would turn every mean into NaN without a word.
-        const auto finite = [&](double v, const char* which) {
-          check(std::isfinite(v), "perplexity: non-finite logits from the ", which,
-                " model at window ", w, " position ", e - rows + i,
-                ": the weights or config.json produce NaN / Inf");
-        };
         if (!base) {  // perplexity only
           nll.push_back(token_nll(&lt[i * vocab], vocab, target));
-          finite(nll.back(), "tested");
+          finite(nll.back(), "tested", w, e - rows + i);
           continue;
         }
         const TokenComparison c = compare_next_token(&lb[i * vocab], &lt[i * vocab], vocab, target);
-        finite(c.nll_test + c.kl, "tested");
-        finite(c.nll_base, "full-attention");
+        finite(c.nll_test + c.kl, "tested", w, e - rows + i);
+        finite(c.nll_base, "full-attention", w, e - rows + i);
         nll.push_back(c.nll_test);
         base_nll.push_back(c.nll_base);
         kl.push_back(c.kl);
