@@ -189,7 +189,7 @@ ModelConfig parse_config(const json& j, const std::string& source) {
   c.vocab_size = rd.bounded("vocab_size", kMaxVocab);
   c.max_position_embeddings = rd.bounded("max_position_embeddings", kMaxContext);
   c.rms_norm_eps = rd.number("rms_norm_eps");
-  // The kernels use it in fp32: 1e300 would be inf there, 1e-300 zero.
+  // The kernels use it in fp32, where 1e300 would be inf (and every output uniform).
   check(c.rms_norm_eps > 0 && c.rms_norm_eps < 1, source,
         ": field 'rms_norm_eps': expected a number in (0, 1), got ", c.rms_norm_eps);
 
