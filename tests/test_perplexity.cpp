@@ -197,6 +197,8 @@ TEST(Perplexity, CliRunsAndRejectsBadInput) {
   bad("--text " + (t / "a.txt").string() + " --ctx 128 --score-from 128", "--score-from");
   bad("--text /no/such/file.txt", "/no/such/file.txt: not found");
   bad("--text " + (t / "a.txt").string() + " --chunk 0", "--chunk must be positive");
+  bad("--text " + (t / "a.txt").string() + " --ctx 128 --windows 1 --json /no/such/dir/out.json",
+      "/no/such/dir/out.json: cannot write");
 }
 
 }  // namespace

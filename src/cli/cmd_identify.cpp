@@ -14,7 +14,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
@@ -282,11 +281,7 @@ void identify_profile(const IdentifyArgs& a) {
                         "least-squares quadratic fit of the median step time, averaged over "
                         "the trainer's 50 evenly spaced haystack lengths"}};
   }
-  if (!a.json_file.empty()) {
-    std::ofstream out(a.json_file);
-    check(static_cast<bool>(out), "cannot write ", a.json_file);
-    out << j.dump(2) << "\n";
-  }
+  if (!a.json_file.empty()) write_json_file(a.json_file, j, 2);
 }
 #endif
 

@@ -1,7 +1,6 @@
 // `duo niah`: needle-in-a-haystack over lengths x depths, full attention or DuoAttention.
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
@@ -10,6 +9,7 @@
 #include "cli/commands.h"
 #include "cli/duo_options.h"
 #include "core/error.h"
+#include "core/file_util.h"
 #include "engine/generate.h"
 #include "eval/niah.h"
 #include "tokenizer/streaming_decoder.h"
@@ -161,9 +161,7 @@ void run(const NiahArgs& a) {
         {"exact_match", exact},
         {"mean_answer_nll", a.answer_nll ? nlohmann::json(mean_nll) : nlohmann::json(nullptr)},
         {"results", rows}};
-    std::ofstream out(a.json_file);
-    check(out.good(), a.json_file, ": cannot write");
-    out << j.dump(1) << "\n";
+    write_json_file(a.json_file, j);
   }
 }
 

@@ -2,7 +2,6 @@
 // streaming only) moves each next-token distribution from full attention.
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <optional>
 
@@ -137,9 +136,7 @@ void run(const PerplexityArgs& a) {
                       {"same_top", opt(r.same_top)},
                       {"same_top_stderr", opt(r.same_top_stderr)},
                       {"per_window", windows}};
-  std::ofstream out(a.json_file);
-  check(out.good(), a.json_file, ": cannot write");
-  out << j.dump(1) << "\n";
+  write_json_file(a.json_file, j);
 }
 
 }  // namespace

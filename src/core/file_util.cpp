@@ -60,6 +60,13 @@ nlohmann::json read_json_file(const std::filesystem::path& path) {
   }
 }
 
+void write_json_file(const std::filesystem::path& path, const nlohmann::json& j, int indent) {
+  std::ofstream out(path);
+  check(out.good(), path.string(), ": cannot write");
+  out << j.dump(indent) << "\n";
+  check(out.good(), path.string(), ": error while writing");
+}
+
 MappedFile::MappedFile(const std::filesystem::path& path) : path_(path) {
   int fd = ::open(path.c_str(), O_RDONLY);
   check(fd >= 0, path.string(), ": cannot open (", std::strerror(errno), ")");

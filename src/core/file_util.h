@@ -15,6 +15,9 @@ std::string read_text_file(const std::filesystem::path& path);
 // joined by blank lines; throws Error naming the path if it is missing or holds no .txt file.
 std::string read_text_corpus(const std::filesystem::path& path);
 
+// Writes j (dump(indent)) and a newline to path; throws Error naming the path if it cannot.
+void write_json_file(const std::filesystem::path& path, const nlohmann::json& j, int indent = 1);
+
 // Parses a JSON file; throws Error naming the path and the parse position on bad JSON.
 nlohmann::json read_json_file(const std::filesystem::path& path);
 
