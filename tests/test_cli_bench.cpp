@@ -30,7 +30,14 @@ TEST(CliBench, CpuRandomWeightsJson) {
     EXPECT_EQ(res["cache_capacity_tokens"], cap);
     EXPECT_EQ(res["kv_bytes_total"].get<int64_t>(), 2 * 2 * 2 * 16 * 4 * cap);  // CPU stores fp32
     EXPECT_EQ(res["kv_bytes_full_attention_bf16"].get<int64_t>(), 2 * 2 * 2 * 16 * 2 * cap);
+    // The like-for-like figure (the one printed): the cache's own element size.
+    EXPECT_EQ(res["kv_bytes_full_attention"], res["kv_bytes_total"]);
   }
+  // The printed line compares like with like: full attention's KV equals what was allocated.
+  EXPECT_NE(
+      r.err.find("KV 24.00 KiB (retrieval 24.00 KiB, streaming 0 B; full attention 24.00 KiB)"),
+      std::string::npos)
+      << r.err;
   EXPECT_NE(j["command"].get<std::string>().find("--contexts 40,100"), std::string::npos);
 }
 
