@@ -225,6 +225,38 @@ TEST(Identify, GateWritesAPatternLogAndResumes) {
   EXPECT_EQ(full[7]["tokens"], log2[7]["tokens"]);  // resume restored the data RNG
 }
 
+// --labels picks the rows the loss averages over: the question-and-answer block (the paper), or
+// every row from sink + recent on (4 + 16 here). Same seed, so both runs see the same samples.
+TEST(Identify, GateLabelsChooseTheLossRows) {
+  testing::TempDir qa("identify_gate_labels_qa"), all("identify_gate_labels_all");
+  ASSERT_EQ(testing::run_duo(gate_args(qa, "--steps 3")).exit_code, 0);
+  auto r = testing::run_duo(gate_args(all, "--steps 3 --labels all"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto log_qa = read_json(qa / "pat/train_log.json")["steps"];
+  auto log_all = read_json(all / "pat/train_log.json")["steps"];
+  ASSERT_EQ(log_qa.size(), 3u);
+  ASSERT_EQ(log_all.size(), 3u);
+  for (size_t s = 0; s < 3; ++s) {
+    const int64_t n = log_qa[s]["tokens"];
+    ASSERT_EQ(log_all[s]["tokens"], n);
+    EXPECT_EQ(log_all[s]["labelled_tokens"], n - 20);
+    const int64_t qa_rows = log_qa[s]["labelled_tokens"];
+    EXPECT_GT(qa_rows, 0);
+    EXPECT_LT(qa_rows, n / 2);  // the QA block of 2 passkeys, after a 150..300-token haystack
+  }
+  // After the first update the gates are below 1 and the two losses average different rows.
+  EXPECT_NE(log_all[1]["distill_loss"], log_qa[1]["distill_loss"]);
+  EXPECT_EQ(load_head_pattern(all / "pat").config["labels"],
+            "every row from sink_size + recent_size on");
+  EXPECT_EQ(load_head_pattern(qa / "pat").config["labels"], "question-and-answer block");
+  auto other = testing::run_duo(gate_args(qa, "--steps 4 --resume --labels all"));
+  EXPECT_NE(other.exit_code, 0);
+  EXPECT_NE(other.err.find("labels"), std::string::npos) << other.err;
+  auto bad = testing::run_duo(gate_args(qa, "--labels everything"));
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.err.find("--labels"), std::string::npos) << bad.err;
+}
+
 TEST(Identify, GateHighRegularisationPushesGatesDown) {
   testing::TempDir t("identify_gate_reg");
   auto r = testing::run_duo(gate_args(t, "--steps 5 --reg 10 --lr 0.05"));

@@ -60,6 +60,7 @@ struct IdentifyArgs {
   double lr = 0.02;
   double reg = 0.05;
   std::string mask = "exact";
+  std::string labels = "qa";
   int64_t block = 128;
   int64_t save_every = 50;
   bool resume = false;
@@ -301,6 +302,7 @@ void identify_gate(const IdentifyArgs& a) {
   o.seed = a.seed;
   o.data = a.data;
   o.mask = a.mask;
+  o.labels = a.labels;
   o.block = a.block;
   o.save_every = a.save_every;
   o.resume = a.resume;
@@ -439,6 +441,11 @@ void add_identify_command(CLI::App& app) {
                   "Gate: streaming mask while training: exact (token-exact sink + recent, "
                   "default) or block (the release: blocks of --block tokens)")
       ->check(CLI::IsMember({"exact", "block"}));
+  cmd->add_option("--labels", a->labels,
+                  "Gate: rows the distillation loss averages over: qa (the question-and-answer "
+                  "block, the paper; default) or all (every row past sink + recent, the haystack "
+                  "too)")
+      ->check(CLI::IsMember({"qa", "all"}));
   cmd->add_option("--block", a->block, "Gate: block size of --mask block (default 128)");
   cmd->add_option("--save-every", a->save_every,
                   "Gate: write the pattern, log and checkpoint every N steps (default 50)");
@@ -470,9 +477,9 @@ void add_identify_command(CLI::App& app) {
       identify_gate(*a);
     } else {
       check(!a->model_dir.empty(), "-m DIR is required");
-      for (const char* flag :
-           {"--profile-contexts", "--profile-steps", "--random-weights", "--config", "--json",
-            "--steps", "--lr", "--reg", "--mask", "--block", "--save-every", "--resume"})
+      for (const char* flag : {"--profile-contexts", "--profile-steps", "--random-weights",
+                               "--config", "--json", "--steps", "--lr", "--reg", "--mask",
+                               "--labels", "--block", "--save-every", "--resume"})
         check(cmd->get_option(flag)->count() == 0, flag,
               " only goes with --method gate (this is --method heuristic)");
       identify_heuristic(*a);

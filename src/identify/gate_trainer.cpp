@@ -110,6 +110,8 @@ void validate(const GateTrainOptions& o) {
   check(o.sink + o.recent > 0, "--sink + --recent must be > 0 (a streaming head must see a key)");
   check(o.passkeys >= 1, "--passkeys must be >= 1");
   check(o.data == "duo" || o.data == "qa", "--data: expected duo or qa, got '", o.data, "'");
+  check(o.labels == "qa" || o.labels == "all", "--labels: expected qa or all, got '", o.labels,
+        "'");
   check(o.mask == "exact" || o.mask == "block", "--mask: expected exact or block, got '", o.mask,
         "'");
   if (o.mask == "block") {
@@ -161,6 +163,8 @@ void train_gates(const GateTrainOptions& o, GateEngine& model) {
       {"sink_size", o.sink},
       {"recent_size", o.recent},
       {"streaming_attn_mask", o.mask},
+      {"labels", o.labels == "qa" ? "question-and-answer block"
+                                  : "every row from sink_size + recent_size on"},
       {"block_size", o.block},
       {"num_steps", o.steps},
       {"lr", o.lr},
@@ -256,8 +260,10 @@ void train_gates(const GateTrainOptions& o, GateEngine& model) {
     const PasskeySample sample = make_multi_passkey_sample(*tok, hay, po, data.rng);
 
     opt.clamp();
+    const int64_t label_begin =
+        o.labels == "qa" ? sample.label_begin : std::min(o.sink + o.recent, sample.label_begin);
     model.teacher(sample.ids);
-    const StudentResult r = model.student(sample.ids, opt.gates, sample.label_begin, window, true);
+    const StudentResult r = model.student(sample.ids, opt.gates, label_begin, window, true);
     std::vector<double> grad;
     const double loss = gate_objective(r, opt.gates, o.reg, &grad);
     check(std::isfinite(loss), "step ", s, ": the loss is not finite (", loss, ")");
@@ -270,6 +276,7 @@ void train_gates(const GateTrainOptions& o, GateEngine& model) {
                    {"reg_loss", loss - r.distill},
                    {"lr", lr_now},
                    {"tokens", sample.ids.size()},
+                   {"labelled_tokens", static_cast<int64_t>(sample.ids.size()) - label_begin},
                    {"seconds", secs}});
     if (!o.quiet) {
       const double per = (secs - seconds_before) / static_cast<double>(opt.step - first);

@@ -50,7 +50,11 @@ struct GateTrainOptions {
   uint64_t seed = 42;
   std::string data = "duo";    // duo | qa
   std::string mask = "exact";  // exact | block
-  int64_t block = 128;         // block size of --mask block
+  // Rows the loss averages over: qa = the question-and-answer block (section 4, the paper); all =
+  // every row from sink + recent on (where a streaming head's keys first differ from full
+  // attention), haystack included, so the gates also keep the model's text predictions.
+  std::string labels = "qa";
+  int64_t block = 128;  // block size of --mask block
   int64_t save_every = 50;
   bool resume = false;
   bool quiet = false;
