@@ -4,7 +4,8 @@
 # models, full attention and the committed gate patterns (QA data and section-4 data), the
 # heuristic and a seeded random pattern at the issue's retrieval ratios (MHA 25%, GQA 50%) and two
 # more aggressive ones; 8 and 16 pairs; two seeds of 50 prompts (1K-16K x 10 depths) each.
-# Results: $OUT/niah_kv.tar (JSON per run, summary.txt).
+# $PATTERNS (committed pattern-* names, or random), $MHA_SPS and $GQA_SPS (sparsities) narrow the
+# grid. Results: $OUT/niah_kv.tar (JSON per run, summary.txt).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 G=.devrun/gpu
@@ -15,11 +16,11 @@ cat "$G/commit.txt" | tee "$R/commit.txt"
 random_patterns "$R"
 jobs_file=$R/jobs.txt; : > "$jobs_file"
 for m in mha gqa; do
-  [[ $m == mha ]] && sps="0.75 0.875 0.9375" || sps="0.5 0.75 0.875"
+  [[ $m == mha ]] && sps=${MHA_SPS:-"0.75 0.875 0.9375"} || sps=${GQA_SPS:-"0.5 0.75 0.875"}
   for pairs in 8 16; do
     for seed in 42 1042; do
       echo "$m $pairs $seed full 0 -" >> "$jobs_file"
-      for p in gate gate-duo-data heuristic random; do
+      for p in ${PATTERNS:-gate gate-duo-data heuristic random}; do
         case $p in
           random) dir=$R/pattern-random-$m ;;
           *) dir=models/duo-demo-$m/pattern-$p ;;

@@ -2,7 +2,8 @@
 # Head patterns of the two demo models compared by how far they move the next-token distribution
 # from full attention on held-out text: `duo perplexity --kl-divergence` (KL(full || pattern),
 # top-token agreement, perplexity), windows of $CTX tokens (the second half scored), for each
-# pattern (gate qa / gate duo-data / heuristic needle-mass / heuristic deviation / random seed 7)
+# pattern (gate qa / gate qa with --labels all / gate duo-data / heuristic needle-mass /
+# heuristic deviation / random seed 7)
 # at three ratios per model, and streaming only. $TEXTS: text directories never trained on
 # (default data/haystack: austen-persuasion, chesterton-thursday, shakespeare-macbeth; the
 # demo models also held out state_union 1991-, which a run may add, e.g. .devrun/heldout_sotu
@@ -26,7 +27,7 @@ t=$(basename "$text")
 for m in mha gqa; do
   ratios="0.75 0.875 0.9375" && [[ $m == gqa ]] && ratios="0.5 0.75 0.875"
   for sp in $ratios; do
-    for p in models/duo-demo-$m/pattern-{gate,gate-duo-data,heuristic,heuristic-deviation} \
+    for p in models/duo-demo-$m/pattern-{gate,gate-all-labels,gate-duo-data,heuristic,heuristic-deviation} \
       "$G/pattern-random-$m"; do
       echo "kl_${t}_${m}_$(basename "$p")_$sp $text -m models/duo-demo-$m --pattern $p --sparsity $sp" >> "$jobs"
     done
@@ -46,19 +47,20 @@ for f in sorted(glob.glob(os.path.join(sys.argv[1], "kl_*.json"))):
     j = json.load(open(f)); name = os.path.basename(f)[3:-5]; runs[name] = j
     print("%-52s %5d %10.5f %10.5f %8.2f %9.3f" % (name, j["retrieval_kv_heads"], j["kl"],
           j["kl_stderr"], 100 * j["same_top"], j["perplexity"]))
-print("\ngate vs heuristic, paired by window: mean KL difference (heuristic - gate) and its standard"
-      " error over windows; windows where the gate's KL is lower")
+print("\ngate patterns vs the others, paired by window: mean KL difference (other - gate) and its"
+      " standard error over windows; windows where the gate's KL is lower")
 for name, g in sorted(runs.items()):
-    m = re.match(r"(.*)_pattern-gate_(.*)$", name)
+    m = re.match(r"(.*)_pattern-(gate|gate-all-labels)_(.*)$", name)
     if not m: continue
-    for other in ("heuristic", "heuristic-deviation", "gate-duo-data"):
-        h = runs.get("%s_pattern-%s_%s" % (m.group(1), other, m.group(2)))
+    for other in ("heuristic", "heuristic-deviation", "gate-duo-data", "gate"):
+        if other == m.group(2): continue
+        h = runs.get("%s_pattern-%s_%s" % (m.group(1), other, m.group(3)))
         if h is None: continue
         d = [b["kl"] - a["kl"] for a, b in zip(g["per_window"], h["per_window"])]
         n = len(d); mean = sum(d) / n
         se = (sum((x - mean) ** 2 for x in d) / (n - 1) / n) ** 0.5 if n > 1 else 0
-        print("  %-28s %-5s vs %-20s %+.5f +/- %.5f  gate lower in %d of %d windows" % (
-              m.group(1), m.group(2), other, mean, se, sum(x > 0 for x in d), n))
+        print("  %-28s %-5s %-15s vs %-20s %+.5f +/- %.5f  gate lower in %d of %d windows" % (
+              m.group(1), m.group(3), m.group(2), other, mean, se, sum(x > 0 for x in d), n))
 PY
 tar -C "$R" -czf "$OUT/kl.tar.gz" $(cd "$R" && ls kl_*)
 rm -f "$R"/kl_*
