@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <set>
@@ -252,6 +253,19 @@ TEST(Identify, GateLabelsChooseTheLossRows) {
   auto other = testing::run_duo(gate_args(qa, "--steps 4 --resume --labels all"));
   EXPECT_NE(other.exit_code, 0);
   EXPECT_NE(other.err.find("labels"), std::string::npos) << other.err;
+  // A checkpoint written before --labels existed (no "labels" in its config) trained on the QA
+  // block: resuming it with --labels all is refused too, with --labels qa it goes on.
+  auto ck = read_json(qa / "pat/gate_checkpoint.json");
+  ck["config"].erase("labels");
+  {
+    std::ofstream out(qa / "pat/gate_checkpoint.json");
+    out << ck.dump(1);
+  }
+  auto old_all = testing::run_duo(gate_args(qa, "--steps 4 --resume --labels all"));
+  EXPECT_NE(old_all.exit_code, 0);
+  EXPECT_NE(old_all.err.find("labels"), std::string::npos) << old_all.err;
+  auto old_qa = testing::run_duo(gate_args(qa, "--steps 4 --resume"));
+  EXPECT_EQ(old_qa.exit_code, 0) << old_qa.err;
   auto bad = testing::run_duo(gate_args(qa, "--labels everything"));
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_NE(bad.err.find("--labels"), std::string::npos) << bad.err;

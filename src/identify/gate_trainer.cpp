@@ -193,7 +193,9 @@ void train_gates(const GateTrainOptions& o, GateEngine& model) {
       data.order = ck.at("length_order").get<std::vector<int64_t>>();
       seconds_before = ck.value("seconds", 0.0);
       // Everything but the step count must match the run being resumed.
-      const nlohmann::json& was = ck.at("config");
+      nlohmann::json was = ck.at("config");
+      // Checkpoints from before --labels existed trained on the question-and-answer block.
+      if (!was.contains("labels")) was["labels"] = "question-and-answer block";
       for (const auto& [key, value] : run_config.items())
         if (key != "num_steps" && was.contains(key))
           check(was.at(key) == value, "--resume: the checkpoint was trained with ", key, " = ",
