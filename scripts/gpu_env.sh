@@ -52,6 +52,19 @@ cuda_tests() {
   done
 }
 
+# kl_jobs JOBS [ARGS...]: runs the lines of JOBS ("NAME TEXT DUO_ARGS...", $PAR at once) as
+# `duo perplexity --kl-divergence` over TEXT in windows of $CTX tokens (S=64 R=256, chunk 4096),
+# with ARGS added to every run; writes $R/NAME.json (.txt: stdout, .err: stderr) and prints
+# "NAME rc=N" per run.
+kl_jobs() {
+  local jobs=$1
+  shift
+  DUO=$DUO R=$R CTX=$CTX KL_ARGS="$*" xargs -P "${PAR:-8}" -L 1 bash -c 'n=$0 text=$1; shift
+    timeout 300 "$DUO" perplexity "$@" $KL_ARGS --text "$text" --ctx "$CTX" --chunk 4096 --sink 64 \
+      --recent 256 --kl-divergence --json "$R/$n.json" > "$R/$n.txt" 2> "$R/$n.err"
+    echo "$n rc=$?"' < "$jobs"
+}
+
 # random_patterns DIR: seeded random head patterns for the two demo models (random.seed(7), uniform
 # gates, 8 layers x 4 / 2 KV heads) in DIR/pattern-random-{mha,gqa}: the baseline the identified
 # patterns must beat.

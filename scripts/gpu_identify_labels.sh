@@ -50,10 +50,7 @@ for text in $TEXTS; do
     done
   done
 done
-export DUO R CTX
-xargs -P "$PAR" -L 1 bash -c 'n=$0 text=$1; shift; timeout 300 "$DUO" perplexity "$@" --text "$text" \
-  --ctx $CTX --chunk 4096 --sink 64 --recent 256 --kl-divergence --backend cuda \
-  --json "$R/$n.json" > "$R/$n.txt" 2> "$R/$n.err"; echo "$n rc=$?"' < "$jobs" | grep -v "rc=0$"
+kl_jobs "$jobs" --backend cuda | grep -v "rc=0$"
 
 step "NIAH at 8 retrieval KV heads"
 for p in "$R"/pattern-*; do

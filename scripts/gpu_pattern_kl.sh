@@ -35,10 +35,7 @@ for m in mha gqa; do
   echo "kl_${t}_${m}_streaming-only $text -m models/duo-demo-$m --streaming-only" >> "$jobs"
 done
 done
-export DUO R CTX WINDOWS BACKEND
-xargs -P "$PAR" -L 1 bash -c 'n=$0 text=$1; shift; timeout 300 "$DUO" perplexity "$@" --text "$text" \
-  --ctx $CTX --windows $WINDOWS --chunk 4096 --sink 64 --recent 256 --kl-divergence \
-  --backend $BACKEND --json "$R/$n.json" > "$R/$n.txt" 2> "$R/$n.err"; echo "$n rc=$?"' < "$jobs"
+kl_jobs "$jobs" --windows "$WINDOWS" --backend "$BACKEND"
 python3 - "$R" <<'PY' | tee "$OUT/kl_summary.txt"
 import glob, json, os, re, sys
 runs = {}
