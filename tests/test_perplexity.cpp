@@ -176,6 +176,9 @@ TEST(Perplexity, CliRunsAndRejectsBadInput) {
   EXPECT_EQ(j["windows"], 2);
   EXPECT_EQ(j["tokens_scored"], 2 * 64);
   EXPECT_EQ(j["attention"], "streaming only");
+  EXPECT_EQ(j["sink"], 4);
+  EXPECT_EQ(j["recent"], 16);
+  EXPECT_EQ(j["streaming_prefill"], "exact");
   EXPECT_GT(j["kl"].get<double>(), 0.0);
   EXPECT_EQ(j["per_window"].size(), 2u);
   // A directory of .txt files is read too; full attention alone has no KL.

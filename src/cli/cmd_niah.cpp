@@ -143,14 +143,6 @@ void run(const NiahArgs& a) {
   if (!a.json_file.empty()) {
     nlohmann::json j = {
         {"model", a.model_dir},
-        {"attention", duo.mode},
-        {"pattern", duo.pattern_path},
-        {"rule", duo.rule},
-        {"sink", duo.sink},
-        {"recent", duo.recent},
-        {"retrieval_kv_heads", duo.partition.total_retrieval()},
-        {"sparsity", duo.partition.sparsity()},
-        {"streaming_prefill", duo.prefill == StreamingPrefill::kExact ? "exact" : "chunk"},
         {"task", custom ? "custom" : a.task},
         {"kv_pairs", a.task == "kv" && !custom ? a.kv_pairs : 0},
         {"haystack", a.haystack.empty() ? "filler" : a.haystack},
@@ -161,6 +153,7 @@ void run(const NiahArgs& a) {
         {"exact_match", exact},
         {"mean_answer_nll", a.answer_nll ? nlohmann::json(mean_nll) : nlohmann::json(nullptr)},
         {"results", rows}};
+    j.update(duo.json());
     write_json_file(a.json_file, j);
   }
 }

@@ -109,13 +109,6 @@ void run(const PerplexityArgs& a) {
   };
   nlohmann::json j = {{"model", a.model_dir},
                       {"text", a.text},
-                      {"attention", duo.mode},
-                      {"pattern", duo.pattern_path},
-                      {"rule", duo.rule},
-                      {"sink", duo.sink},
-                      {"recent", duo.recent},
-                      {"retrieval_kv_heads", duo.partition.total_retrieval()},
-                      {"sparsity", duo.partition.sparsity()},
                       {"ctx", plan.ctx},
                       {"score_from", plan.first_target},
                       {"windows", plan.windows},
@@ -136,6 +129,7 @@ void run(const PerplexityArgs& a) {
                       {"same_top", opt(r.same_top)},
                       {"same_top_stderr", opt(r.same_top_stderr)},
                       {"per_window", windows}};
+  j.update(duo.json());
   write_json_file(a.json_file, j);
 }
 

@@ -134,15 +134,7 @@ void run(const RunArgs& a) {
         {"decode_tokens_per_second", decode_tps},
         {"context", ctx},
         {"backend", backend->name()},
-        {"attention", duo.mode},
-        {"pattern", duo.pattern_path},
-        {"rule", duo.rule},
-        {"sink", duo.sink},
-        {"recent", duo.recent},
-        {"streaming_prefill", duo.prefill == StreamingPrefill::kExact ? "exact" : "chunk"},
-        {"retrieval_kv_heads", duo.partition.total_retrieval()},
         {"total_kv_heads", cfg.num_layers * cfg.num_kv_heads},
-        {"sparsity", duo.partition.sparsity()},
         {"kv_bytes",
          {{"retrieval", kv.retrieval},
           {"streaming", kv.streaming},
@@ -150,6 +142,7 @@ void run(const RunArgs& a) {
           {"full_attention", full_kv},
           {"bytes_per_element", elem}}},
     };
+    j.update(duo.json());
     std::cout << j.dump(2) << "\n";
     return;
   }

@@ -82,4 +82,15 @@ std::string ResolvedDuo::describe() const {
   return mode;
 }
 
+nlohmann::json ResolvedDuo::json() const {
+  return {{"attention", mode},
+          {"pattern", pattern_path},
+          {"rule", rule},
+          {"sink", sink},
+          {"recent", recent},
+          {"streaming_prefill", prefill == StreamingPrefill::kExact ? "exact" : "chunk"},
+          {"retrieval_kv_heads", partition.total_retrieval()},
+          {"sparsity", partition.sparsity()}};
+}
+
 }  // namespace duo::cli

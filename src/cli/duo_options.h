@@ -3,6 +3,7 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 
@@ -41,6 +42,9 @@ struct ResolvedDuo {
   std::string pattern_path;
   std::string rule;              // e.g. "sparsity 0.5"
   std::string describe() const;  // "DuoAttention, <pattern> (sparsity 0.5)" etc.
+  // The keys every command's --json writes about the attention: attention, pattern, rule, sink,
+  // recent, streaming_prefill, retrieval_kv_heads, sparsity.
+  nlohmann::json json() const;
 };
 
 constexpr double kDefaultSparsity = 0.5;
